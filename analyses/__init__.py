@@ -1,0 +1,1 @@
+"""eemllm's analysis side: plans, FLOPs and latency, benchmarks, reports and the ``eemllm`` CLI."""

@@ -1,0 +1,52 @@
+"""One adapter per model family: where the decoder layers live and which tokens are visual."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .layout import visual_token_ids
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between multimodal families; everything else in eemllm is family-agnostic."""
+
+    name: str
+    model_types: tuple[str, ...]
+    notes: str
+
+    def decoder_layers(self, model: PreTrainedModel) -> torch.nn.ModuleList:
+        """The language model's decoder layers (``model.model.language_model.layers`` in transformers 5)."""
+        language_model = getattr(model.model, "language_model", None) if hasattr(model, "model") else None
+        layers = getattr(language_model, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
+                             "(expected model.model.language_model.layers)")
+        return layers
+
+    def visual_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
+        return visual_token_ids(config)
+
+
+FAMILIES = (
+    Family("llava", ("llava",), "LLaVA-1.5: one <image> token per visual feature."),
+    Family("llava_next", ("llava_next",), "LLaVA-NeXT (anyres): the image-newline features also sit at "
+                                          "<image> token positions."),
+    Family("llava_onevision", ("llava_onevision",), "LLaVA-OneVision: images and videos, Qwen2 decoder."),
+    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL: GQA, M-RoPE position ids "
+                                                   "(recomposed into ordinary cos/sin by the rotary module)."),
+)
+
+
+def family_of(model: PreTrainedModel) -> Family:
+    """The adapter for ``model``'s family, or a clear error naming the supported ones."""
+    model_type = getattr(model.config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"no eemllm adapter for model type {model_type!r} ({type(model).__name__}); supported model "
+                     f"types: {supported}. Add a Family to eemllm_models.families for it")

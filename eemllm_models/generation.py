@@ -1,0 +1,47 @@
+"""Prompting and batched greedy answering with any HF image-text model and its processor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin
+
+
+def build_prompt(processor: ProcessorMixin, question: str, n_images: int = 1) -> str:
+    """The processor's chat-template prompt for one user turn with ``n_images`` images first."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers (special tokens stripped) to ``questions[i]`` about ``images[i]``.
+
+    Batches are padded on the tokenizer's padding side; each batch runs one ``generate()`` call
+    with the KV cache.
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions; pass one image per question")
+    answers: list[str] = []
+    starts = range(0, len(questions), batch_size)
+    for start in tqdm(starts, desc="answering", unit="batch", disable=not progress or len(starts) < 2):
+        prompts = [build_prompt(processor, q) for q in questions[start : start + batch_size]]
+        batch = processor(images=list(images[start : start + batch_size]), text=prompts,
+                          return_tensors="pt", padding=True).to(model.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1] :],
+                                                               skip_special_tokens=True)]
+    return answers

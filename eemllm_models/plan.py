@@ -1,0 +1,151 @@
+"""EfficiencyPlan: one visual-token mode per decoder layer, with where it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write_text
+
+MODES = ("full", "frozen", "naavit", "composite")
+"""Layer modes for visual tokens (text tokens always run in full):
+
+- ``full``: the original layer.
+- ``frozen`` (ShortV): visual hidden states pass through unchanged; their keys and values are
+  still computed with this layer's weights so text attends to them as before.
+- ``naavit`` (SAISA's No Attention Among Visual Tokens): a visual query attends to no other
+  visual token, only to itself and to the non-visual tokens before it; the MLP still runs.
+- ``composite`` (EE-MLLM-F, our reading): visual tokens form no queries; their update is
+  ``o_proj(v_proj(input_norm(x)))`` (self-only attention) followed by the residual and the MLP.
+"""
+
+# ShortV (arXiv 2504.00502) published frozen layers, in the paper's order (lowest LC first).
+SHORTV_PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "llava-1.5-7b": (32, (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19)),
+    "llava-1.5-13b": (40, (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21,
+                           20, 17)),
+    "llava-next-7b": (32, (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12, 0, 2)),
+    "llava-next-13b": (40, (39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34, 24, 38, 21, 20,
+                            18, 1, 17)),
+}
+
+
+def n_decoder_layers(model) -> int:
+    """Number of decoder layers of a loaded HF multimodal model."""
+    from .families import family_of
+
+    return len(family_of(model).decoder_layers(model))
+
+
+@dataclass(frozen=True)
+class EfficiencyPlan:
+    """One mode per decoder layer (``modes[i]`` for layer ``i``) and its provenance.
+
+    Provenance is free-form JSON data: model name, probe, policy, date, ... Validated on
+    construction (known modes, at least one layer) and against a model when applied.
+    """
+
+    modes: list[str]
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", list(self.modes))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+        if not self.modes:
+            raise ValueError("an EfficiencyPlan needs one mode per decoder layer; got no layers")
+        bad = sorted({m for m in self.modes if m not in MODES})
+        if bad:
+            raise ValueError(f"unknown layer mode(s) {bad}; choose from {list(MODES)}")
+
+    @classmethod
+    def empty(cls, n_layers: int, **provenance: Any) -> EfficiencyPlan:
+        """All ``n_layers`` layers ``full``: reproduces the original model exactly."""
+        return cls(("full",) * n_layers, provenance)
+
+    @classmethod
+    def from_layers(cls, n_layers: int, layers: Mapping[int, str] | Iterable[int], mode: str = "frozen",
+                    **provenance: Any) -> EfficiencyPlan:
+        """A plan with ``layers`` (indices, or a ``{layer: mode}`` mapping) changed, the rest ``full``."""
+        chosen = dict(layers) if isinstance(layers, Mapping) else {int(i): mode for i in layers}
+        out_of_range = sorted(i for i in chosen if not 0 <= i < n_layers)
+        if out_of_range:
+            raise ValueError(f"layer indices {out_of_range} are outside 0..{n_layers - 1}")
+        return cls(tuple(chosen.get(i, "full") for i in range(n_layers)), provenance)
+
+    @classmethod
+    def uniform(cls, model, mode: str, **provenance: Any) -> EfficiencyPlan:
+        """Every decoder layer of ``model`` (a loaded HF model, or a layer count) in ``mode``."""
+        n_layers = model if isinstance(model, int) else n_decoder_layers(model)
+        return cls((mode,) * n_layers, provenance)
+
+    @classmethod
+    def preset(cls, name: str) -> EfficiencyPlan:
+        """A published plan, e.g. ``"shortv:llava-1.5-7b"`` (ShortV's frozen layers)."""
+        method, _, model = name.partition(":")
+        if method != "shortv" or model not in SHORTV_PRESETS:
+            known = ", ".join(f"shortv:{m}" for m in SHORTV_PRESETS)
+            raise ValueError(f"unknown preset {name!r}; known presets: {known}")
+        n_layers, layers = SHORTV_PRESETS[model]
+        return cls.from_layers(n_layers, layers, "frozen", model=model, policy="shortv-paper",
+                               source="ShortV (arXiv 2504.00502), published frozen layers")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.modes)
+
+    def layers(self, mode: str) -> tuple[int, ...]:
+        """Indices of the layers that run ``mode``."""
+        return tuple(i for i, m in enumerate(self.modes) if m == mode)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when every layer runs ``full``."""
+        return all(m == "full" for m in self.modes)
+
+    def with_provenance(self, **provenance: Any) -> EfficiencyPlan:
+        """The same modes with ``provenance`` entries added."""
+        return replace(self, provenance={**self.provenance, **provenance})
+
+    def check_layers(self, n_layers: int, model_name: str = "the model") -> None:
+        """Raise unless this plan has exactly ``n_layers`` layers."""
+        if self.n_layers != n_layers:
+            raise ValueError(
+                f"the plan has {self.n_layers} layers but {model_name} has {n_layers} decoder layers; "
+                "make the plan for this model (EfficiencyPlan.from_layers(n_layers, ...))"
+            )
+
+    def applied(self, model, implementation: str = "fast"):
+        """Apply this plan to ``model`` for a ``with`` block: ``with plan.applied(model): ...``."""
+        from .apply import apply_plan
+
+        return apply_plan(model, self, implementation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modes": list(self.modes), "provenance": dict(self.provenance)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EfficiencyPlan:
+        if "modes" not in data:
+            raise ValueError("an EfficiencyPlan dict needs a 'modes' list (one mode per layer)")
+        return cls(tuple(data["modes"]), data.get("provenance", {}))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> EfficiencyPlan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON (atomically), stamping ``saved_at`` into its provenance."""
+        stamped = self.with_provenance(saved_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return atomic_write_text(path, stamped.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EfficiencyPlan:
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,69 @@
+"""Save a training-free pruned model (weights + plan in its config) and load it back with the plan applied."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from .apply import CONFIG_KEY, apply_plan, applied_plan
+from .loading import load_model, write_checksums
+from .plan import EfficiencyPlan, n_decoder_layers
+
+
+def save_pruned(model: PreTrainedModel, plan: EfficiencyPlan, path: str | os.PathLike,
+                processor: ProcessorMixin | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (safetensors) with ``plan`` in its ``config.json`` (and ``processor``) to ``path``.
+
+    The directory is written next to ``path`` first and renamed into place, so an existing
+    directory is replaced whole or not at all (only with ``overwrite=True``). Plain transformers
+    loads the result as the unpruned model; :func:`load_pruned` loads it with the plan applied.
+    """
+    path = Path(path)
+    plan.check_layers(n_decoder_layers(model), type(model).__name__)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    previous = getattr(model.config, CONFIG_KEY, None)
+    try:
+        setattr(model.config, CONFIG_KEY, plan.to_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        write_checksums(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is None and applied_plan(model) is None:
+            delattr(model.config, CONFIG_KEY)
+        elif previous is not None:
+            setattr(model.config, CONFIG_KEY, previous)
+    return path
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                device_map: str | dict | None = None, implementation: str = "fast",
+                ) -> tuple[PreTrainedModel, EfficiencyPlan]:
+    """Load a directory written by :func:`save_pruned`: the model with its plan applied, and the plan."""
+    model, _ = load_model(path, dtype=dtype, device_map=device_map, processor=False)
+    data = getattr(model.config, CONFIG_KEY, None)
+    if data is None:
+        raise ValueError(f"{path} holds no eemllm plan in its config.json; load it with load_model, "
+                         "or save it with save_pruned first")
+    plan = EfficiencyPlan.from_dict(data)
+    delattr(model.config, CONFIG_KEY)
+    apply_plan(model, plan, implementation)
+    return model, plan

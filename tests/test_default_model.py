@@ -1,0 +1,119 @@
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from eemllm_models import ModelLoadError, default_model_path, generate_answers, load_model, load_shapes_vqa, zoo
+from eemllm_models.generation import build_prompt
+from eemllm_models.zoo import shapes_vqa
+
+ANSWERS = {
+    "color_at": set(shapes_vqa.COLORS),
+    "shape_at": set(shapes_vqa.SHAPES),
+    "count": {str(k) for k in range(shapes_vqa.MIN_SHAPES, shapes_vqa.MAX_SHAPES + 1)},
+    "relation": {"left", "right", "above", "below"},
+    "exists": {"yes", "no"},
+    "read": set(shapes_vqa.CHARACTERS),
+    "mc": set("ABCD"),
+}
+
+
+def _model_card_accuracy() -> dict[str, float]:
+    card = (default_model_path() / "README.md").read_text()
+    rows = re.findall(r"^\| `?(\w+)`? \| ([\d.]+)% \|", card, flags=re.M)
+    return {name: float(value) / 100 for name, value in rows}
+
+
+def test_shipped_files_are_safetensors_within_size_limit():
+    path = default_model_path()
+    weights = path / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 25 * 10**6
+    assert (path / "tokenizer.json").is_file() and (path / "README.md").is_file()
+    assert not list(path.glob("*.bin"))
+
+
+def test_loads_offline_with_the_auto_classes():
+    path = default_model_path()
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    assert isinstance(processor, LlavaProcessor)
+    assert model.config.text_config.num_hidden_layers >= 12
+    batch = processor(images=load_shapes_vqa("test", n=1)["image"], text=[build_prompt(processor, "Hi?")],
+                      return_tensors="pt")
+    assert (batch["input_ids"] == model.config.image_token_id).sum() >= 100
+
+
+def test_chat_template_is_llava_1_5s(default_model):
+    _, processor = default_model
+    prompt = build_prompt(processor, "What shape is at the center?")
+    assert prompt == "USER: <image>\nWhat shape is at the center? ASSISTANT:"
+
+
+def test_generate_answers_each_type_in_its_format(default_model):
+    model, processor = default_model
+    data = load_shapes_vqa("test", n=21)
+    answers = generate_answers(model, processor, data["image"], data["question"], batch_size=7)
+    for qtype, answer in zip(data["qtype"], answers):
+        assert answer in ANSWERS[qtype], (qtype, answer)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(default_model):
+    model, processor = default_model
+    data = load_shapes_vqa("test", n=7)  # prompts of different lengths: the batch is padded
+    batched = generate_answers(model, processor, data["image"], data["question"], batch_size=7)
+    single = generate_answers(model, processor, data["image"], data["question"], batch_size=1)
+    assert batched == single
+
+
+def test_test_split_accuracy_matches_the_model_card(default_model):
+    model, processor = default_model
+    card = _model_card_accuracy()
+    assert set(card) == {*shapes_vqa.QTYPES, "overall"}
+    assert card["overall"] >= 0.9
+    data = load_shapes_vqa("test", n=280)  # the first 40 rows of each type of the card's test split
+    answers = generate_answers(model, processor, data["image"], data["question"], batch_size=40)
+    measured = shapes_vqa.accuracy(data["qtype"], answers, data["answer"])
+    assert measured["overall"] >= card["overall"] - 0.05
+    for qtype in shapes_vqa.QTYPES:
+        assert measured[qtype] >= card[qtype] - 0.15, qtype
+        assert measured[qtype] >= shapes_vqa.CHANCE[qtype] + 0.3, qtype
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    return shutil.copytree(default_model_path(), tmp_path / "model")
+
+
+def test_missing_weights_file_is_a_clear_error(model_copy):
+    (model_copy / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is missing; re-save the model"):
+        load_model(model_copy)
+
+
+def test_truncated_weights_file_is_a_clear_error(model_copy):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is corrupted"):
+        load_model(model_copy)
+
+
+def test_flipped_byte_in_default_weights_is_caught_by_load_default(model_copy, monkeypatch):
+    weights = model_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(zoo, "default_model_path", lambda: model_copy)
+    with pytest.raises(ModelLoadError, match="does not match its recorded checksum.*reinstall eemllm"):
+        zoo.load_default()
+
+
+def test_unknown_model_name_offline_says_what_to_do():
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set"):
+        load_model("nobody/no-such-model")
+
+
+def test_load_default_is_eval_mode_fp32(default_model):
+    model, _ = default_model
+    assert not model.training and model.dtype == torch.float32

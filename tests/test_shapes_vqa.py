@@ -1,0 +1,77 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from eemllm_models import load_shapes_vqa
+from eemllm_models.zoo import shapes_vqa
+
+
+def _image_hashes(data):
+    return [hashlib.sha256(np.asarray(im).tobytes()).hexdigest() for im in data["image"]]
+
+
+def test_same_seed_gives_identical_rows():
+    a, b = load_shapes_vqa("test", n=21, seed=3), load_shapes_vqa("test", n=21, seed=3)
+    for column in ("id", "question", "answer", "qtype", "choices"):
+        assert a[column] == b[column]
+    assert _image_hashes(a) == _image_hashes(b)
+
+
+def test_other_seed_gives_other_data():
+    a, b = load_shapes_vqa("test", n=14, seed=0), load_shapes_vqa("test", n=14, seed=1)
+    assert not set(_image_hashes(a)) & set(_image_hashes(b))
+
+
+def test_train_and_test_splits_are_disjoint():
+    train, test = load_shapes_vqa("train", n=300), load_shapes_vqa("test", n=300)
+    assert not set(_image_hashes(train)) & set(_image_hashes(test))
+    assert not set(train["id"]) & set(test["id"])
+
+
+def test_columns_and_question_types():
+    data = load_shapes_vqa("test", n=70)
+    assert set(data.column_names) == {"id", "image", "question", "answer", "qtype", "choices"}
+    assert data[0]["image"].size == (160, 160)
+    assert sorted(set(data["qtype"])) == sorted(shapes_vqa.QTYPES)
+    for row in data:
+        if row["qtype"] == "mc":
+            assert len(row["choices"]) == 4 and row["answer"] in "ABCD"
+            assert row["question"].endswith(shapes_vqa.MC_INSTRUCTION)
+        else:
+            assert row["choices"] == []
+        assert " " not in row["answer"]
+
+
+def test_answers_follow_the_scene():
+    for i in range(50):
+        scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", i))
+        q = {q.qtype: q for q in scene.questions}
+        assert q["count"].answer == str(len(scene.shapes))
+        assert q["read"].answer == scene.character.shape
+        by_cell = {s.cell: s for s in scene.shapes}
+        position = shapes_vqa.POSITIONS.index(q["color_at"].question.split("at the ")[1].rstrip("?"))
+        assert by_cell[position].color == q["color_at"].answer
+        assert len({(s.color, s.shape) for s in scene.shapes}) == len(scene.shapes)
+
+
+def test_every_answer_type_is_balanced_enough_to_measure_chance():
+    data = load_shapes_vqa("train", n=7 * 200)
+    yes = [a for a, t in zip(data["answer"], data["qtype"]) if t == "exists"]
+    assert 0.35 < yes.count("yes") / len(yes) < 0.65
+    letters = [a for a, t in zip(data["answer"], data["qtype"]) if t == "mc"]
+    assert set(letters) == set("ABCD")
+
+
+def test_exact_match_normalises_case_and_punctuation():
+    assert shapes_vqa.exact_match(" Red.", "red")
+    assert not shapes_vqa.exact_match("red square", "red")
+    assert shapes_vqa.accuracy(["a", "a", "b"], ["x", "y", "z"], ["x", "x", "z"]) == {
+        "a": 0.5, "b": 1.0, "overall": pytest.approx(2 / 3)}
+
+
+def test_unknown_split_and_bad_size_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        load_shapes_vqa("validation", n=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        load_shapes_vqa("test", n=-1)

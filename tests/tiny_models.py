@@ -1,0 +1,146 @@
+"""Tiny random multimodal models of each supported family, built from transformers configs.
+
+Nothing is downloaded. ``FAMILIES[name] = (build_model(seed, attn), build_batch(model, batch, images,
+seed, padding))``: prompts ``[text][image]...[text]`` of different lengths, padded left or right,
+with pixel inputs whose features match the image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 3, 4, 5, 6
+FIRST_WORD = 7
+VOCAB = 64
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+            eos_token_id=EOS)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=8)
+PINPOINTS = [[32, 32], [32, 64], [64, 32]]
+QWEN_GRID = (1, 4, 4)  # 16 px images, 4 px patches, merged 2x2 into 4 visual tokens
+
+
+def _finish(model: PreTrainedModel, attn: str) -> PreTrainedModel:
+    model.eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def tiny_llava(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """LLaVA-1.5 style: CLIP tower, GELU projector, Llama decoder (with GQA), 16 visual tokens per image."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT),
+                         image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", image_seq_length=16)
+    return _finish(LlavaForConditionalGeneration(config), attn)
+
+
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """LLaVA-NeXT: anyres tiles and image-newline features at image-token positions."""
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT),
+                             image_grid_pinpoints=PINPOINTS, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default")
+    return _finish(LlavaNextForConditionalGeneration(config), attn)
+
+
+def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """LLaVA-OneVision: anyres images, Qwen2 decoder."""
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=Qwen2Config(**TEXT),
+                                  image_grid_pinpoints=PINPOINTS, image_token_id=IMAGE_TOKEN,
+                                  video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="default")
+    return _finish(LlavaOnevisionForConditionalGeneration(config), attn)
+
+
+def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", version: str = "2") -> PreTrainedModel:
+    """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``): GQA decoder with M-RoPE."""
+    torch.manual_seed(seed)
+    text = {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    common = dict(depth=1, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        vision = dict(common, embed_dim=32, hidden_size=64, in_chans=3, mlp_ratio=2)
+        return _finish(Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids)),
+                       attn)
+    vision = dict(common, depth=2, hidden_size=32, intermediate_size=64, in_channels=3, out_hidden_size=64,
+                  window_size=8, fullatt_block_indexes=[1])
+    return _finish(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                        **ids)), attn)
+
+
+def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
+    """Token ids with ``counts[b][i]`` image tokens for image ``i`` of row ``b``, and the padding mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, row_counts in enumerate(counts):
+        ids = [BOS]
+        for n in row_counts:
+            ids += torch.randint(FIRST_WORD, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            ids += markers[0] + [IMAGE_TOKEN] * n + markers[1]
+        ids += torch.randint(FIRST_WORD, VOCAB, (3 + 2 * b,), generator=g).tolist()
+        rows.append(ids)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if padding == "left" else slice(0, len(ids))
+        input_ids[b, span], mask[b, span] = torch.tensor(ids), 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def llava_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1000)
+    inputs = _assemble([[16] * images] * batch, seed, padding)
+    return {**inputs, "pixel_values": torch.randn(batch * images, 3, 32, 32, generator=g)}
+
+
+def anyres_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT / OneVision: images of alternating aspect ratios; token counts from the model's own features."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    sizes = torch.tensor([[32, 64], [64, 32]] * (batch * images))[: batch * images]
+    pixel_values = torch.randn(batch * images, 3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+    counts = [len(f) for f in features]
+    inputs = _assemble([counts[b * images:(b + 1) * images] for b in range(batch)], seed, padding)
+    return {**inputs, "pixel_values": pixel_values, "image_sizes": sizes}
+
+
+def qwen_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1000)
+    t, h, w = QWEN_GRID
+    inputs = _assemble([[t * h * w // 4] * images] * batch, seed, padding, ([VISION_START], [VISION_END]))
+    n = batch * images
+    return {**inputs, "mm_token_type_ids": (inputs["input_ids"] == IMAGE_TOKEN).long(),
+            "pixel_values": torch.randn(n * t * h * w, 3 * 2 * 4 * 4, generator=g),
+            "image_grid_thw": torch.tensor([QWEN_GRID] * n)}
+
+
+FAMILIES = {
+    "llava": (tiny_llava, llava_batch),
+    "llava_next": (tiny_llava_next, anyres_batch),
+    "llava_onevision": (tiny_llava_onevision, anyres_batch),
+    "qwen2_vl": (tiny_qwen2_vl, qwen_batch),
+    "qwen2_5_vl": (lambda seed=0, attn="sdpa": tiny_qwen2_vl(seed, attn, version="2.5"), qwen_batch),
+}
