@@ -23,6 +23,46 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+PROBE_FILES = {"lc": "lc.nc", "modes": "mode_contribution.nc", "attention": "attention.nc"}
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import probes
+    from eemllm_models import load_default, load_model, load_shapes_vqa
+
+    unknown = sorted(set(args.probes) - set(PROBE_FILES))
+    if unknown:
+        raise ValueError(f"unknown probe(s) {unknown}; choose from {sorted(PROBE_FILES)}")
+    model, processor = load_default() if args.model == "default" else load_model(args.model)
+    data = load_shapes_vqa(args.split, n=args.rows)
+    common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size)
+    for name in args.probes:
+        checkpoint = None if args.checkpoint is None else args.checkpoint / name
+        if name == "lc":
+            result = probes.layer_contribution(model, processor, data, divergence=args.divergence,
+                                               positions=args.positions, checkpoint=checkpoint, **common)
+        elif name == "modes":
+            result = probes.mode_contribution(model, processor, data, divergence=args.divergence,
+                                              positions=args.positions, checkpoint=checkpoint, **common)
+        else:
+            result = probes.attention_statistics(model, processor, data, checkpoint=checkpoint, **common)
+        if _is_main_process():
+            path = probes.save_result(result, args.out / PROBE_FILES[name])
+            print(f"wrote {path}")
+            if name == "lc":
+                table = result.lc.mean("sample").to_pandas()
+                print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+                below = int((table.visual < table.text).sum())
+                print(f"visual LC below text LC in {below} of {len(table)} layers")
+    return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``eemllm`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="eemllm", description=__doc__)
@@ -32,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=28, help="number of shapes-vqa test questions (default 28)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
     demo.set_defaults(run=_demo)
+
+    probe = commands.add_parser("probe", help="measure Layer Contribution, mode contributions and attention "
+                                              "statistics on shapes-vqa (shard with torchrun/accelerate launch)")
+    probe.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    probe.add_argument("--samples", type=int, default=40, help="number of samples (default 40, as ShortV)")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
+    probe.add_argument("--out", type=Path, required=True, help="directory for lc.nc and the other probes' files")
+    probe.add_argument("--probes", nargs="+", default=list(PROBE_FILES), metavar="PROBE",
+                       help=f"which probes to run (default: all of {', '.join(PROBE_FILES)})")
+    probe.add_argument("--split", default="train", help="shapes-vqa split to draw samples from (default train)")
+    probe.add_argument("--rows", type=int, default=1400, help="rows of that split to draw from (default 1400)")
+    probe.add_argument("--batch-size", type=int, default=8)
+    probe.add_argument("--divergence", default="kl", help="kl (ShortV's, default), kl_reverse or js")
+    probe.add_argument("--positions", default="last_prompt", help="last_prompt (default) or answer")
+    probe.add_argument("--checkpoint", type=Path, default=None,
+                       help="directory for per-batch checkpoints; rerun with it to resume an interrupted run")
+    probe.set_defaults(run=_probe)
     return parser
 
 

@@ -30,6 +30,14 @@ class Family:
     def visual_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
         return visual_token_ids(config)
 
+    def readout(self, model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[..., vocab]`` from last-layer hidden states ``[..., hidden]`` (final norm, lm_head)."""
+        norm = getattr(model.model.language_model, "norm", None)
+        if norm is None:
+            raise ValueError(f"could not find the final norm of {type(model).__name__} "
+                             "(expected model.model.language_model.norm)")
+        return model.get_output_embeddings()(norm(hidden))
+
 
 FAMILIES = (
     Family("llava", ("llava",), "LLaVA-1.5: one <image> token per visual feature."),

@@ -114,13 +114,13 @@ def mode_mask(mode: str, layout: TokenLayout, allowed: torch.Tensor) -> torch.Te
     return allowed & ~blocked
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of ``x`` ``[batch, heads, n, head_dim]`` at ``cos``/``sin`` ``[batch, n, head_dim]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """``[batch, n, heads * head_dim]`` -> ``[batch, heads, n, head_dim]``."""
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
@@ -169,8 +169,8 @@ def fast_forward(
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
 
     normed = layer.input_layernorm(hidden_states)
-    key = _rotate(_heads(attn.k_proj(normed), head_dim), cos, sin)
-    value = _heads(attn.v_proj(normed), head_dim)
+    key = rotate(split_heads(attn.k_proj(normed), head_dim), cos, sin)
+    value = split_heads(attn.v_proj(normed), head_dim)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, attn.layer_idx)
     keys = key.shape[2]
@@ -178,7 +178,7 @@ def fast_forward(
 
     # Non-visual rows (text, padding): full attention over every key, through the model's attention function.
     other = split.other
-    q_other = _rotate(_heads(attn.q_proj(gather_rows(normed, other)), head_dim),
+    q_other = rotate(split_heads(attn.q_proj(gather_rows(normed, other)), head_dim),
                       gather_rows(cos, other), gather_rows(sin, other))
     other_mask = allowed.gather(2, other[:, None, :, None].expand(-1, 1, -1, keys))
     attention = _attention_function(attn)
@@ -218,7 +218,7 @@ def _naavit_visual_attention(attn, normed, key, value, allowed, split: RowSplit,
     keys, head_dim = key.shape[2], attn.head_dim
     past = keys - seq
     visual, other = split.visual, split.other
-    q = _rotate(_heads(attn.q_proj(gather_rows(normed, visual)), head_dim),
+    q = rotate(split_heads(attn.q_proj(gather_rows(normed, visual)), head_dim),
                 gather_rows(cos, visual), gather_rows(sin, visual))  # [B, H, V, d]
     key_index = torch.cat([torch.arange(past, device=key.device).expand(batch, -1), other + past], dim=1)
     k_sel = repeat_kv(key.gather(2, key_index[:, None, :, None].expand(-1, key.shape[1], -1, head_dim)),

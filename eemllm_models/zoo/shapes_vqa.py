@@ -287,4 +287,6 @@ def load_shapes_vqa(split: str = "test", n: int | None = None, seed: int = 0) ->
             "choices": datasets.Sequence(datasets.Value("string")),
         }
     )
-    return datasets.Dataset.from_list(list(rows()), features=features, split=split)
+    info = datasets.DatasetInfo(dataset_name="shapes-vqa", description=f"shapes-vqa {split} split, seed {seed}",
+                                features=features)
+    return datasets.Dataset.from_list(list(rows()), features=features, info=info, split=split)
