@@ -12,15 +12,26 @@ from eemllm_models.zoo import shapes_vqa
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    frame = run_demo(args.out, n=args.n, seed=args.seed)
+    frame, lc = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples)
     print(frame[["qtype", "question", "answer", "prediction", "correct"]]
           .assign(question=frame.question.str.split("\n").str[0]).to_string(index=False))
     print()
     for qtype, group in frame.groupby("qtype"):
         print(f"{qtype:>9}: {group.correct.mean():6.1%}  (chance {shapes_vqa.CHANCE[qtype]:.0%}, n={len(group)})")
     print(f"  overall: {frame.correct.mean():6.1%}  (n={len(frame)})")
-    print(f"wrote {args.out / 'demo_answers.csv'} and {args.out / 'demo_summary.json'}")
+    print()
+    _print_lc(lc)
+    print(f"wrote {args.out / 'demo_answers.csv'}, {args.out / 'demo_summary.json'} and {args.out / 'lc.nc'}")
     return 0
+
+
+def _print_lc(lc) -> None:
+    """The mean Layer Contribution per layer and group, and how often visual is below text."""
+    table = lc.lc.mean("sample").to_pandas()
+    print(f"Layer Contribution ({lc.attrs['divergence']}, nats, mean over {lc.sizes['sample']} samples):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    below = int((table.visual < table.text).sum())
+    print(f"visual LC below text LC in {below} of {len(table)} layers")
 
 
 PROBE_FILES = {"lc": "lc.nc", "modes": "mode_contribution.nc", "attention": "attention.nc"}
@@ -50,10 +61,7 @@ def _probe(args: argparse.Namespace) -> int:
             path = probes.save_result(result, args.out / PROBE_FILES[name])
             print(f"wrote {path}")
             if name == "lc":
-                table = result.lc.mean("sample").to_pandas()
-                print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-                below = int((table.visual < table.text).sum())
-                print(f"visual LC below text LC in {below} of {len(table)} layers")
+                _print_lc(result)
     return 0
 
 
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo's results")
     demo.add_argument("--n", type=int, default=28, help="number of shapes-vqa test questions (default 28)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
+    demo.add_argument("--probe-samples", type=int, default=16,
+                      help="train-split prompts for the Layer Contribution probe (default 16)")
     demo.set_defaults(run=_demo)
 
     probe = commands.add_parser("probe", help="measure Layer Contribution, mode contributions and attention "

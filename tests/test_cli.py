@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import xarray as xr
+
 from analyses.cli import main
 
 
@@ -15,6 +17,7 @@ def test_demo_command_answers_and_reports_accuracy(tmp_path):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n"] == 14 and 0 <= summary["accuracy"]["overall"] <= 1
     assert len((out / "demo_answers.csv").read_text().splitlines()) == 15
+    assert "Layer Contribution" in result.stdout and (out / "lc.nc").is_file()
 
 
 def test_bad_argument_is_a_clear_error(tmp_path, capsys):
@@ -26,3 +29,31 @@ def test_bad_argument_is_a_clear_error(tmp_path, capsys):
 def test_module_runs_as_a_script():
     result = subprocess.run([sys.executable, "-m", "analyses.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def _probe(tmp_path, out: str, *launcher: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [*launcher, "-m", "analyses.cli", "probe", "--samples", "6", "--batch-size", "2", "--seed", "3",
+               "--out", str(tmp_path / out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+def test_probe_command_writes_lc_and_the_other_probes(tmp_path):
+    result = _probe(tmp_path, "probe", sys.executable)
+    assert result.returncode == 0, result.stderr
+    lc = xr.load_dataset(tmp_path / "probe" / "lc.nc")
+    assert lc.lc.dims == ("sample", "layer", "group") and lc.attrs["seed"] == 3 and lc.sizes["sample"] == 6
+    assert "Layer Contribution (kl" in result.stdout and "visual LC below text LC" in result.stdout
+    modes = xr.load_dataset(tmp_path / "probe" / "mode_contribution.nc")
+    assert list(modes["mode"].values) == ["frozen", "naavit", "composite"]
+    xr.testing.assert_allclose(modes.contribution.sel(mode="frozen", drop=True), lc.lc.sel(group="visual", drop=True),
+                               rtol=1e-5, atol=1e-8)
+    assert "text_to_visual" in xr.load_dataset(tmp_path / "probe" / "attention.nc")
+
+
+def test_probe_on_two_processes_equals_one(tmp_path):
+    one = _probe(tmp_path, "one", sys.executable, extra=("--probes", "lc"))
+    two = _probe(tmp_path, "two", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                 "2", extra=("--probes", "lc"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    xr.testing.assert_identical(xr.load_dataset(tmp_path / "one" / "lc.nc"), xr.load_dataset(tmp_path / "two" / "lc.nc"))
