@@ -65,6 +65,18 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import probes
+
+    from .policies import freeze_plan
+
+    lc = probes.open_result(args.lc, probe="layer_contribution")
+    plan = freeze_plan(lc, args.k, args.policy, args.seed)
+    path = plan.save(args.out)
+    print(f"{args.policy}: freeze visual tokens in layers {sorted(plan.layers('frozen'))}; wrote {path}")
+    return 0
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -99,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--checkpoint", type=Path, default=None,
                        help="directory for per-batch checkpoints; rerun with it to resume an interrupted run")
     probe.set_defaults(run=_probe)
+
+    plan = commands.add_parser("plan", help="turn a Layer Contribution result into an efficiency plan")
+    plan.add_argument("--lc", type=Path, required=True, help="lc.nc written by `eemllm probe`")
+    plan.add_argument("--k", type=int, required=True, help="number of layers whose visual tokens are frozen")
+    plan.add_argument("--policy", default="shortv", help="shortv (lowest visual LC, default), cosine or random")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -57,3 +57,20 @@ def test_probe_on_two_processes_equals_one(tmp_path):
                  "2", extra=("--probes", "lc"))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     xr.testing.assert_identical(xr.load_dataset(tmp_path / "one" / "lc.nc"), xr.load_dataset(tmp_path / "two" / "lc.nc"))
+
+
+def test_plan_command_freezes_the_lowest_lc_layers(tmp_path, capsys):
+    import numpy as np
+
+    from eemllm_models import EfficiencyPlan
+
+    dims = ("sample", "layer", "group")
+    lc = xr.Dataset({"lc": (dims, np.array([[[0.3, 1.0], [0.0, 1.0], [0.2, 1.0]]])),
+                     "cosine": (dims, np.zeros((1, 3, 2)))},
+                    coords={"sample": ["a"], "layer": range(3), "group": ["visual", "text"]},
+                    attrs={"probe": "layer_contribution"})
+    lc.to_netcdf(tmp_path / "lc.nc", engine="h5netcdf")
+    assert main(["plan", "--lc", str(tmp_path / "lc.nc"), "--k", "2", "--out", str(tmp_path / "plan.json")]) == 0
+    assert EfficiencyPlan.load(tmp_path / "plan.json").modes == ["full", "frozen", "frozen"]
+    assert main(["plan", "--lc", str(tmp_path / "missing.nc"), "--k", "2", "--out", str(tmp_path / "p.json")]) == 2
+    assert "run `eemllm probe`" in capsys.readouterr().err
