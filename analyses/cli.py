@@ -77,6 +77,28 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops(args: argparse.Namespace) -> int:
+    from eemllm_models import EfficiencyPlan
+
+    from .flops import load_config, shortv_convention_flops
+
+    config = load_config(args.model)
+    n_layers = config.get_text_config().num_hidden_layers
+    if args.plan is None:
+        plan = EfficiencyPlan.empty(n_layers)
+    elif Path(args.plan).is_file():
+        plan = EfficiencyPlan.load(args.plan)
+    else:
+        plan = EfficiencyPlan.preset(args.plan)
+    original = shortv_convention_flops(config, EfficiencyPlan.empty(n_layers), args.text_tokens, args.visual_tokens)
+    planned = shortv_convention_flops(config, plan, args.text_tokens, args.visual_tokens)
+    print(f"{args.model}, plan {args.plan or 'none'} ({len(plan.layers('frozen'))} frozen layers), "
+          "ShortV convention (attention + MLP):")
+    print(f"  original {original / 1e12:.1f} TFLOPs, planned {planned / 1e12:.1f} TFLOPs "
+          f"({planned / original:.0%}), FLOPs-ideal speedup {original / planned:.2f}x")
+    return 0
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -119,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
     plan.set_defaults(run=_plan)
+
+    flops = commands.add_parser("flops", help="prefill FLOPs of a model under a plan (offline for the paper models)")
+    flops.add_argument("--model", required=True,
+                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, or a config path / hub id")
+    flops.add_argument("--plan", default=None, help="a preset (shortv:llava-1.5-7b, ...) or a plan JSON file")
+    flops.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt (default 64, as ShortV)")
+    flops.add_argument("--visual-tokens", type=int, default=None,
+                       help="visual tokens per prompt (default: the paper's 576 or 2880)")
+    flops.set_defaults(run=_flops)
     return parser
 
 

@@ -9,9 +9,10 @@ Norms, rotary embeddings, softmax, the vision tower and lm_head are not counted 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from eemllm_models import EfficiencyPlan
 
@@ -91,3 +92,48 @@ def flops_ratio(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCou
     planned = plan_flops(config, plan, tokens).flops.sum()
     full = plan_flops(config, EfficiencyPlan.empty(plan.n_layers), tokens).flops.sum()
     return float(planned / full)
+
+
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+"""Shipped configs of the models the ShortV paper reports (public sizes, no weights)."""
+PAPER_VISUAL_TOKENS = {"llava": 576, "llava_next": 2880}
+"""Visual tokens per image in the ShortV paper's FLOPs counts, by model type."""
+
+
+def shortv_convention_flops(config: PretrainedConfig, plan: EfficiencyPlan, text_tokens: int = 64,
+                            visual_tokens: int | None = None) -> float:
+    """Prefill FLOPs under ``plan`` in the ShortV paper's convention (attention and MLP only).
+
+    Per ``full`` layer ``2(t+v)(4h+3m)h + 4(t+v)^2 h``; per ``frozen`` layer
+    ``2t(4h+3m)h + 4vh^2 + 4t(t+v)h`` (``t`` text tokens, ``v`` visual, ``h`` hidden size, ``m`` MLP
+    size). ``visual_tokens`` defaults to the paper's 576 (LLaVA-1.5) or 2880 (LLaVA-NeXT). The
+    convention has no other modes; a plan with ``naavit`` or ``composite`` layers is refused.
+    """
+    shape = DecoderShape.from_config(config)
+    plan.check_layers(shape.layers, "the config")
+    other = sorted(set(plan.modes) - {"full", "frozen"})
+    if other:
+        raise ValueError(f"the ShortV convention counts only full and frozen layers, not {other}; "
+                         "use plan_flops for other modes")
+    if visual_tokens is None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in PAPER_VISUAL_TOKENS:
+            raise ValueError(f"no paper visual-token count for model type {model_type!r}; pass visual_tokens")
+        visual_tokens = PAPER_VISUAL_TOKENS[model_type]
+    t, v, h, m = text_tokens, visual_tokens, shape.hidden, shape.intermediate
+    dense = 2 * (t + v) * (4 * h + 3 * m) * h + 4 * (t + v) ** 2 * h
+    frozen = 2 * t * (4 * h + 3 * m) * h + 4 * v * h**2 + 4 * t * (t + v) * h
+    return float(sum(frozen if mode == "frozen" else dense for mode in plan.modes))
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """A shipped paper model config (``llava-1.5-7b``, ``llava-next-13b``, ...) or any config by path or hub id."""
+    shipped = MODEL_CONFIGS / f"{name_or_path}.json"
+    if shipped.is_file():
+        return AutoConfig.from_pretrained(shipped)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:
+        known = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
+        raise ValueError(f"no model config {name_or_path!r}: not one of the shipped ones ({known}), "
+                         f"and not a readable local directory or cached hub id ({err})") from err
