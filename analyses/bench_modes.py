@@ -52,7 +52,7 @@ def default_model_batch(n: int = 8) -> tuple[LlavaForConditionalGeneration, dict
     """The embedded default model and ``n`` padded shapes-vqa test prompts."""
     model, processor = load_default()
     data = load_shapes_vqa("test", n=n)
-    inputs = processor(images=data["image"], text=[build_prompt(processor, q) for q in data["question"]],
+    inputs = processor(images=list(data["image"]), text=[build_prompt(processor, q) for q in data["question"]],
                        return_tensors="pt", padding=True)
     return model, dict(inputs)
 

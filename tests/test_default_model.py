@@ -40,7 +40,7 @@ def test_loads_offline_with_the_auto_classes():
     model = LlavaForConditionalGeneration.from_pretrained(path)
     assert isinstance(processor, LlavaProcessor)
     assert model.config.text_config.num_hidden_layers >= 12
-    batch = processor(images=load_shapes_vqa("test", n=1)["image"], text=[build_prompt(processor, "Hi?")],
+    batch = processor(images=list(load_shapes_vqa("test", n=1)["image"]), text=[build_prompt(processor, "Hi?")],
                       return_tensors="pt")
     assert (batch["input_ids"] == model.config.image_token_id).sum() >= 100
 
