@@ -15,7 +15,6 @@ ratio compares runs made side by side, and prints medians with the FLOPs-ideal s
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from eemllm_models import EfficiencyPlan, build_prompt, load_default, load_shapes_vqa, token_layout
 from eemllm_models.files import atomic_write
+from eemllm_models.machine import describe
 
 from .flops import TokenCounts, flops_ratio
 
@@ -103,8 +103,7 @@ def main() -> None:
     frames = [time_plans("default (embedded)", *default_model_batch(), args.repeats),
               time_plans("mid-size random (h1024, 24 layers)", *mid_size_llava(), args.repeats)]
     table = pd.concat(frames, ignore_index=True)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32")
+    print(f"{describe()}, fp32")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.out is not None:
         atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))

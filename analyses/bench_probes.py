@@ -11,7 +11,6 @@ the two results.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import probes
 from eemllm_models import load_default, load_shapes_vqa
 from eemllm_models.files import atomic_write
+from eemllm_models.machine import describe
 
 IMPLEMENTATIONS = ("sweep", "reference")
 
@@ -55,8 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="CSV file for the results")
     args = parser.parse_args()
     table, difference = time_sweep(args.samples, args.repeats)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32; default model (12 layers), both groups")
+    print(f"{describe()}, fp32; default model (12 layers), both groups")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"max |LC(sweep) - LC(reference)| = {difference:.2e} nats")
     if args.out is not None:

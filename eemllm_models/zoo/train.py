@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from ..generation import generate_answers
 from ..loading import write_checksums
+from ..machine import cpu_name
 from . import build, shapes_vqa
 
 
@@ -196,15 +196,6 @@ class EarlyExit:
         return F.cross_entropy(self.model.lm_head(hidden).float(), input_ids[rows, pos + 1])
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss: logits ``[B, T, V]`` at position t predict ``labels[:, t + 1]``."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -297,7 +288,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
         "init_from": None if init_from is None else str(init_from), "first_scene": first_scene,
         "deep_readout_layer": deep_readout_layer,
         "bf16_autocast": bf16, "minutes": (time.time() - start) / 60, "threads": torch.get_num_threads(),
-        "machine": f"{_cpu_name()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "log": log,
     }
     (out / "training_log.json").write_text(json.dumps(info, indent=1))
