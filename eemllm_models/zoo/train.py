@@ -51,7 +51,7 @@ SINGLE_HOP = ("color_at", "shape_at", "read")
 
 def _pixel_values(images: np.ndarray) -> torch.Tensor:
     """``[B, 160, 160, 3]`` uint8 -> ``[B, 3, 160, 160]`` normalised exactly as the processor does."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(build.CLIP_MEAN)[:, None, None]
     std = torch.tensor(build.CLIP_STD)[:, None, None]
     return (x - mean) / std
