@@ -57,14 +57,6 @@ def default_model_batch(n: int = 8) -> tuple[LlavaForConditionalGeneration, dict
     return model, dict(inputs)
 
 
-def _counts(model, inputs) -> TokenCounts:
-    """Token counts of the first prompt (its text before the first image, images, the rest)."""
-    layout = token_layout(model, inputs["input_ids"], inputs.get("attention_mask"))
-    start, _ = layout.image_spans(0)[0]
-    before = int(layout.text[0, :start].sum())
-    return TokenCounts(before, int(layout.n_visual[0]), int(layout.n_text[0]) - before)
-
-
 @torch.inference_mode()
 def time_plans(name: str, model, inputs, repeats: int, warmup: int = 1) -> pd.DataFrame:
     """Median prefill seconds per plan (plus the unmodified model), interleaved per repeat."""
@@ -81,7 +73,7 @@ def time_plans(name: str, model, inputs, repeats: int, warmup: int = 1) -> pd.Da
                 handle.remove()
             if r >= warmup:
                 times[label].append(elapsed)
-    counts = _counts(model, inputs)
+    counts = TokenCounts.from_layout(token_layout(model, inputs["input_ids"], inputs.get("attention_mask")))
     base = statistics.median(times["original"])
     rows = []
     for label, values in times.items():

@@ -12,16 +12,21 @@ from eemllm_models.zoo import shapes_vqa
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    frame, lc = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples)
-    print(frame[["qtype", "question", "answer", "prediction", "correct"]]
+    result = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples, overwrite=args.overwrite)
+    frame = result.answers
+    print(frame[["qtype", "question", "answer", "prediction", "pruned_prediction"]]
           .assign(question=frame.question.str.split("\n").str[0]).to_string(index=False))
     print()
-    for qtype, group in frame.groupby("qtype"):
-        print(f"{qtype:>9}: {group.correct.mean():6.1%}  (chance {shapes_vqa.CHANCE[qtype]:.0%}, n={len(group)})")
-    print(f"  overall: {frame.correct.mean():6.1%}  (n={len(frame)})")
+    _print_lc(result.lc)
     print()
-    _print_lc(lc)
-    print(f"wrote {args.out / 'demo_answers.csv'}, {args.out / 'demo_summary.json'} and {args.out / 'lc.nc'}")
+    frozen = sorted(result.plan.layers("frozen"))
+    print(f"ShortV plan: freeze visual tokens in layers {frozen}; decoder FLOPs {result.flops_ratio:.0%} of the original")
+    print(f"{'':>9}  original  pruned  chance")
+    for qtype, group in frame.groupby("qtype"):
+        print(f"{qtype:>9}: {group.correct.mean():7.1%} {group.pruned_correct.mean():7.1%}  "
+              f"{shapes_vqa.CHANCE[qtype]:5.0%}  (n={len(group)})")
+    print(f"  overall: {frame.correct.mean():7.1%} {frame.pruned_correct.mean():7.1%}  (n={len(frame)})")
+    print(f"wrote {args.out}: demo_answers.csv, demo_summary.json, lc.nc, plan.json, pruned-model/")
     return 0
 
 
@@ -39,12 +44,12 @@ PROBE_FILES = {"lc": "lc.nc", "modes": "mode_contribution.nc", "attention": "att
 
 def _probe(args: argparse.Namespace) -> int:
     import probes
-    from eemllm_models import load_default, load_model, load_shapes_vqa
+    from eemllm_models import load_shapes_vqa
 
     unknown = sorted(set(args.probes) - set(PROBE_FILES))
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; choose from {sorted(PROBE_FILES)}")
-    model, processor = load_default() if args.model == "default" else load_model(args.model)
+    model, processor = _load(args.model)
     data = load_shapes_vqa(args.split, n=args.rows)
     common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size)
     for name in args.probes:
@@ -99,6 +104,53 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(model: str):
+    from eemllm_models import load_default, load_model
+
+    return load_default() if model == "default" else load_model(model)
+
+
+def _plan_for(model, plan: str | None):
+    """The plan named on the command line: a preset, a JSON file, or none (all layers full)."""
+    from eemllm_models import EfficiencyPlan
+
+    if plan is None:
+        return EfficiencyPlan.uniform(model, "full")
+    return EfficiencyPlan.load(plan) if Path(plan).is_file() else EfficiencyPlan.preset(plan)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from eemllm_models import load_shapes_vqa
+    from eemllm_models.files import atomic_write, atomic_write_text
+
+    from .evaluate import answer_frame, scores
+
+    model, processor = _load(args.model)
+    plan = _plan_for(model, args.plan)
+    frame = answer_frame(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed), plan=plan,
+                         batch_size=args.batch_size)
+    result = scores(frame)
+    atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": result}, indent=1) + "\n")
+    for name, value in result.items():
+        print(f"{name:>17}: {value:.3f}")
+    print(f"wrote {args.out / 'answers.csv'} and {args.out / 'scores.json'}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from eemllm_models import save_pruned
+
+    model, processor = _load(args.model)
+    plan = _plan_for(model, args.plan)
+    path = save_pruned(model, plan, args.out, processor=processor, overwrite=args.overwrite)
+    print(f"wrote {path} ({len(plan.modes) - len(plan.layers('full'))} of {plan.n_layers} layers changed); "
+          "load it with eemllm_models.load_pruned")
+    return 0
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -115,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
     demo.add_argument("--probe-samples", type=int, default=16,
                       help="train-split prompts for the Layer Contribution probe (default 16)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a pruned model left in --out")
     demo.set_defaults(run=_demo)
 
     probe = commands.add_parser("probe", help="measure Layer Contribution, mode contributions and attention "
@@ -150,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--visual-tokens", type=int, default=None,
                        help="visual tokens per prompt (default: the paper's 576 or 2880)")
     flops.set_defaults(run=_flops)
+
+    evaluate = commands.add_parser("evaluate", help="answer shapes-vqa questions (under a plan) and score them")
+    evaluate.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    evaluate.add_argument("--plan", default=None, help="a preset or a plan JSON file (default: no plan)")
+    evaluate.add_argument("--samples", type=int, default=140, help="number of questions (default 140)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    evaluate.add_argument("--split", default="test", help="shapes-vqa split (default test)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--out", type=Path, required=True, help="directory for answers.csv and scores.json")
+    evaluate.set_defaults(run=_evaluate)
+
+    prune = commands.add_parser("prune", help="save a model with a plan as a training-free pruned model")
+    prune.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    prune.add_argument("--plan", required=True, help="a preset or a plan JSON file")
+    prune.add_argument("--out", type=Path, required=True, help="directory to write (refused if it exists)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    prune.set_defaults(run=_prune)
     return parser
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoConfig, PretrainedConfig
 
-from eemllm_models import EfficiencyPlan
+from eemllm_models import EfficiencyPlan, TokenLayout
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attention", "mlp")
 
@@ -26,6 +26,13 @@ class TokenCounts:
     text_before: int
     visual: int
     text_after: int
+
+    @classmethod
+    def from_layout(cls, layout: TokenLayout, row: int = 0) -> TokenCounts:
+        """The counts of sequence ``row`` of a batch (text before its first image, visual, the rest)."""
+        start, _ = layout.image_spans(row)[0]
+        before = int(layout.text[row, :start].sum())
+        return cls(before, int(layout.n_visual[row]), int(layout.n_text[row]) - before)
 
     @property
     def text(self) -> int:

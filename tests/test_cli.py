@@ -6,19 +6,44 @@ import sys
 import pandas as pd
 import xarray as xr
 
+from transformers import AutoProcessor
+
 from analyses.cli import main
+from analyses.evaluate import answer_frame, scores
+from eemllm_models import EfficiencyPlan, load_pruned, load_shapes_vqa
 
 
-def test_demo_command_answers_and_reports_accuracy(tmp_path):
+def test_demo_runs_the_flow_and_its_pruned_model_scores_as_reported(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(["eemllm", "demo", "--out", str(out), "--n", "14"], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "overall:" in result.stdout
+    assert "overall:" in result.stdout and "Layer Contribution" in result.stdout and "ShortV plan" in result.stdout
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n"] == 14 and 0 <= summary["accuracy"]["overall"] <= 1
+    assert 0 < summary["decoder_flops_ratio"] < 1
     assert len(pd.read_csv(out / "demo_answers.csv")) == 14  # multiple-choice questions span several lines
-    assert "Layer Contribution" in result.stdout and (out / "lc.nc").is_file()
+    assert (out / "lc.nc").is_file() and EfficiencyPlan.load(out / "plan.json").modes == summary["plan"]["modes"]
+    model, plan = load_pruned(out / "pruned-model")
+    processor = AutoProcessor.from_pretrained(out / "pruned-model")
+    rescored = scores(answer_frame(model, processor, load_shapes_vqa("test", n=14), batch_size=14, progress=False))
+    assert rescored == summary["pruned_accuracy"] and plan.modes == summary["plan"]["modes"]
+    again = subprocess.run(["eemllm", "demo", "--out", str(out), "--n", "14"], capture_output=True, text=True)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+
+
+def test_evaluate_and_prune_commands(tmp_path, capsys):
+    assert main(["evaluate", "--samples", "14", "--plan", str(_frozen_plan(tmp_path)), "--out", str(tmp_path / "e")]) == 0
+    saved = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert saved["plan"]["modes"][11] == "frozen" and "yes_no_f1" in saved["scores"]
+    assert main(["prune", "--plan", str(_frozen_plan(tmp_path)), "--out", str(tmp_path / "p")]) == 0
+    assert load_pruned(tmp_path / "p")[1].layers("frozen") == (10, 11)
+    assert main(["prune", "--plan", str(_frozen_plan(tmp_path)), "--out", str(tmp_path / "p")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def _frozen_plan(tmp_path):
+    return EfficiencyPlan.from_layers(12, [10, 11]).save(tmp_path / "plan.json")
 
 
 def test_bad_argument_is_a_clear_error(tmp_path, capsys):
@@ -62,8 +87,6 @@ def test_probe_on_two_processes_equals_one(tmp_path):
 
 def test_plan_command_freezes_the_lowest_lc_layers(tmp_path, capsys):
     import numpy as np
-
-    from eemllm_models import EfficiencyPlan
 
     dims = ("sample", "layer", "group")
     lc = xr.Dataset({"lc": (dims, np.array([[[0.3, 1.0], [0.0, 1.0], [0.2, 1.0]]])),
