@@ -89,12 +89,7 @@ def _flops(args: argparse.Namespace) -> int:
 
     config = load_config(args.model)
     n_layers = config.get_text_config().num_hidden_layers
-    if args.plan is None:
-        plan = EfficiencyPlan.empty(n_layers)
-    elif Path(args.plan).is_file():
-        plan = EfficiencyPlan.load(args.plan)
-    else:
-        plan = EfficiencyPlan.preset(args.plan)
+    plan = _plan_for(n_layers, args.plan)
     original = shortv_convention_flops(config, EfficiencyPlan.empty(n_layers), args.text_tokens, args.visual_tokens)
     planned = shortv_convention_flops(config, plan, args.text_tokens, args.visual_tokens)
     print(f"{args.model}, plan {args.plan or 'none'} ({len(plan.layers('frozen'))} frozen layers), "
@@ -111,7 +106,8 @@ def _load(model: str):
 
 
 def _plan_for(model, plan: str | None):
-    """The plan named on the command line: a preset, a JSON file, or none (all layers full)."""
+    """The plan named on the command line for ``model`` (a loaded model or a layer count): a preset,
+    a JSON file, or none (all layers full)."""
     from eemllm_models import EfficiencyPlan
 
     if plan is None:

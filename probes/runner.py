@@ -211,7 +211,8 @@ def run_probe(
         if state.is_main_process:
             _checkpoint_settings(directory, identity)
         state.wait_for_everyone()
-        _checkpoint_settings(directory, identity)
+        if not state.is_main_process:
+            _checkpoint_settings(directory, identity)
     done: list[tuple[int, xr.Dataset]] = []
     for k in tqdm(mine, desc=f"probe {name}", unit="batch", disable=not progress or len(mine) < 2):
         path = None if directory is None else directory / f"batch-{k:06d}.nc"
