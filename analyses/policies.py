@@ -7,16 +7,37 @@ visual tokens of the first ``k``:
 * ``cosine``: the highest mean input/output cosine similarity of visual tokens (ShortV's
   ablation baseline);
 * ``random``: a seeded random choice (the floor every signal must beat).
+
+From mode contributions (``probes.mode_contribution``), mixing ``frozen``, ``naavit`` and
+``composite`` per layer:
+
+* ``budget``: reach a FLOPs target, cheapest loss per saved FLOP first;
+* ``greedy``: the same order, each change kept only if a held-out accuracy stays within a tolerance.
+
+``shortv_within_tolerance`` picks ShortV's ``k`` as the largest whose measured accuracy drop is
+within a tolerance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import pandas as pd
 import xarray as xr
+from transformers import PretrainedConfig
 
 from eemllm_models import EfficiencyPlan
 
+from .flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
+
 POLICIES = ("shortv", "cosine", "random")
+"""Policies that freeze the visual tokens of ``k`` ranked layers."""
+
+
+def _probe_provenance(result: xr.Dataset) -> dict:
+    return {f"probe_{key}": result.attrs[key] for key in ("model", "dataset", "samples", "seed", "divergence")
+            if key in result.attrs}
 
 
 def _check_lc_result(lc: xr.Dataset) -> None:
@@ -50,9 +71,110 @@ def freeze_plan(lc: xr.Dataset, k: int, policy: str = "shortv", seed: int = 0) -
     if not 0 <= k <= n_layers:
         raise ValueError(f"k must be between 0 and the model's {n_layers} layers, got {k}")
     ranking = layer_ranking(lc, policy, seed)
-    provenance = {"policy": policy, "k": k, "ranking": ranking,
-                  **{f"probe_{key}": lc.attrs[key] for key in ("model", "dataset", "samples", "seed", "divergence")
-                     if key in lc.attrs}}
+    provenance = {"policy": policy, "k": k, "ranking": ranking, **_probe_provenance(lc)}
     if policy == "random":
         provenance["policy_seed"] = seed
     return EfficiencyPlan.from_layers(n_layers, ranking[:k], "frozen", **provenance)
+
+
+def _check_mode_result(modes: xr.Dataset) -> None:
+    if modes.attrs.get("probe") != "mode_contribution" or "contribution" not in modes:
+        raise ValueError("the budget and greedy policies need a mode_contribution result (probes.mode_contribution, "
+                         f"or mode_contribution.nc from `eemllm probe`); got a {modes.attrs.get('probe', 'non-probe')!r}"
+                         " dataset")
+
+
+def change_candidates(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts) -> pd.DataFrame:
+    """Every single-layer change ``(layer, mode)`` with its mean contribution and the decoder prefill
+    FLOPs it saves, cheapest loss per saved FLOP first.
+
+    Columns: ``layer``, ``mode``, ``contribution`` (mean over samples, nats), ``saved_flops``,
+    ``cost`` (contribution per saved GFLOP). Changes that save nothing are left out.
+    """
+    _check_mode_result(modes)
+    shape = DecoderShape.from_config(config)
+    if modes.sizes["layer"] != shape.layers:
+        raise ValueError(f"the mode contributions cover {modes.sizes['layer']} layers but the config has "
+                         f"{shape.layers}; probe this model (`eemllm probe --probes modes`)")
+    full = sum(layer_flops(shape, tokens, "full").values())
+    mean = modes.contribution.mean("sample")
+    rows = [{"layer": int(layer), "mode": str(mode), "contribution": float(mean.sel(layer=layer, mode=mode)),
+             "saved_flops": full - sum(layer_flops(shape, tokens, str(mode)).values())}
+            for layer in modes.layer.values for mode in modes["mode"].values]
+    frame = pd.DataFrame(rows)
+    frame = frame[frame.saved_flops > 0].copy()
+    frame["cost"] = frame.contribution.clip(lower=0) / (frame.saved_flops / 1e9)
+    return frame.sort_values(["cost", "layer"], kind="stable").reset_index(drop=True)
+
+
+def budget_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts, target: float) -> EfficiencyPlan:
+    """Reach decoder prefill FLOPs of at most ``target`` × the original by mixing ``frozen``, ``naavit``
+    and ``composite`` per layer, cheapest loss first.
+
+    Changes are taken in :func:`change_candidates` order; a layer takes a later change only when it
+    saves more than the one it has. ``modes`` is a ``probes.mode_contribution`` result, ``tokens``
+    the prompt's token counts (:meth:`TokenCounts.from_layout`).
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"the FLOPs target is a share of the original in (0, 1], got {target}")
+    candidates = change_candidates(modes, config, tokens)
+    n_layers = modes.sizes["layer"]
+    chosen: dict[int, str] = {}
+    saved: dict[int, float] = {}
+    plan = EfficiencyPlan.empty(n_layers)
+    for change in candidates.itertuples():
+        if flops_ratio(config, plan, tokens) <= target:
+            break
+        if change.saved_flops > saved.get(change.layer, 0.0):
+            chosen[change.layer], saved[change.layer] = change.mode, change.saved_flops
+            plan = EfficiencyPlan.from_layers(n_layers, chosen)
+    ratio = flops_ratio(config, plan, tokens)
+    if ratio > target:
+        raise ValueError(f"no mix of modes reaches {target:.0%} of the original FLOPs for these token counts "
+                         f"(the cheapest plan found costs {ratio:.0%}); choose a higher target")
+    return plan.with_provenance(policy="budget", target=target, flops_ratio=ratio, **_probe_provenance(modes))
+
+
+def greedy_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts,
+                accuracy: Callable[[EfficiencyPlan], float], tolerance: float = 0.01,
+                max_trials: int | None = None) -> EfficiencyPlan:
+    """Accuracy-checked greedy search: try the single-layer changes cheapest loss first and keep each
+    one whose plan (with the changes kept so far) stays within ``tolerance`` of the original accuracy.
+
+    ``accuracy(plan)`` measures a plan on a held-out split (e.g. ``analyses.compare.accuracy_on``).
+    A layer keeps the first change accepted for it. The provenance lists every trial and its accuracy.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance is an accuracy drop (>= 0), got {tolerance}")
+    candidates = change_candidates(modes, config, tokens)
+    n_layers = modes.sizes["layer"]
+    baseline = accuracy(EfficiencyPlan.empty(n_layers))
+    chosen: dict[int, str] = {}
+    trials = []
+    for change in candidates.itertuples():
+        if max_trials is not None and len(trials) >= max_trials:
+            break
+        if change.layer in chosen:
+            continue
+        trial = EfficiencyPlan.from_layers(n_layers, {**chosen, change.layer: change.mode})
+        score = accuracy(trial)
+        kept = baseline - score <= tolerance
+        trials.append({"layer": change.layer, "mode": change.mode, "accuracy": score, "kept": kept})
+        if kept:
+            chosen[change.layer] = change.mode
+    plan = EfficiencyPlan.from_layers(n_layers, chosen)
+    return plan.with_provenance(policy="greedy", tolerance=tolerance, baseline_accuracy=baseline, trials=trials,
+                                flops_ratio=flops_ratio(config, plan, tokens), **_probe_provenance(modes))
+
+
+def shortv_within_tolerance(lc: xr.Dataset, accuracy: Callable[[EfficiencyPlan], float],
+                            tolerance: float = 0.01) -> EfficiencyPlan:
+    """ShortV's rule with ``k`` chosen by measurement: the largest ``k`` whose plan's accuracy stays
+    within ``tolerance`` of the original (every ``k`` is measured; the provenance lists them)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance is an accuracy drop (>= 0), got {tolerance}")
+    n_layers = lc.sizes["layer"]
+    measured = {k: accuracy(freeze_plan(lc, k)) for k in range(n_layers + 1)}
+    best = max(k for k, score in measured.items() if measured[0] - score <= tolerance)
+    return freeze_plan(lc, best).with_provenance(tolerance=tolerance,
+                                                 accuracy_by_k={str(k): v for k, v in measured.items()})

@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 import xarray as xr
+from transformers import LlamaConfig
 
-from analyses.policies import freeze_plan, layer_ranking
+from analyses.flops import TokenCounts, flops_ratio
+from analyses.policies import (
+    budget_plan,
+    change_candidates,
+    freeze_plan,
+    greedy_plan,
+    layer_ranking,
+    shortv_within_tolerance,
+)
 
 
 def _lc_result(visual_lc, cosine) -> xr.Dataset:
@@ -39,3 +48,55 @@ def test_policy_errors_name_the_fix():
         freeze_plan(lc, 1, "fastv")
     with pytest.raises(ValueError, match="need a layer_contribution result"):
         freeze_plan(lc.assign_attrs(probe="attention_statistics"), 1)
+
+
+def _mode_result(contribution) -> xr.Dataset:
+    values = np.array(contribution, dtype=float)[None].repeat(2, axis=0)
+    return xr.Dataset({"contribution": (("sample", "layer", "mode"), values)},
+                      coords={"sample": ["a", "b"], "layer": range(values.shape[1]),
+                              "mode": ["frozen", "naavit", "composite"]},
+                      attrs={"probe": "mode_contribution", "model": "m", "divergence": "kl"})
+
+
+CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+TOKENS = TokenCounts(text_before=5, visual=100, text_after=20)
+
+
+def test_budget_reaches_the_target_cheapest_loss_first():
+    modes = _mode_result([[0.5, 0.1, 0.6], [0.01, 0.001, 0.02], [0.3, 0.2, 0.4], [0.02, 0.01, 0.03]])
+    plan = budget_plan(modes, CONFIG, TOKENS, target=0.6)
+    assert flops_ratio(CONFIG, plan, TOKENS) <= 0.6
+    assert plan.modes[1] != "full" and plan.modes[3] != "full" and plan.modes[0] == "full"
+    assert plan.provenance["policy"] == "budget" and plan.provenance["probe_model"] == "m"
+    assert budget_plan(modes, CONFIG, TOKENS, target=1.0).is_empty
+    with pytest.raises(ValueError, match="no mix of modes reaches 1%"):
+        budget_plan(modes, CONFIG, TOKENS, target=0.01)
+    with pytest.raises(ValueError, match="need a mode_contribution result"):
+        budget_plan(_lc_result([0.1] * 4, [0.0] * 4), CONFIG, TOKENS, target=0.5)
+
+
+def test_candidates_rank_by_loss_per_saved_flop():
+    frame = change_candidates(_mode_result([[0.1, 0.1, 0.1]] * 4), CONFIG, TOKENS)
+    assert len(frame) == 12 and frame.cost.is_monotonic_increasing
+    # equal loss: the mode saving most FLOPs comes first
+    assert frame["mode"].iloc[0] == frame.loc[frame.saved_flops.idxmax(), "mode"]
+
+
+def test_greedy_keeps_only_changes_within_tolerance():
+    modes = _mode_result([[0.01, 0.02, 0.03]] * 4)
+
+    def accuracy(plan):  # frozen layers cost 10 points each, other modes nothing
+        return 0.9 - 0.1 * len(plan.layers("frozen"))
+
+    plan = greedy_plan(modes, CONFIG, TOKENS, accuracy, tolerance=0.05)
+    assert "frozen" not in plan.modes and "full" not in plan.modes
+    assert plan.provenance["baseline_accuracy"] == 0.9
+    assert any(not t["kept"] for t in plan.provenance["trials"])
+
+
+def test_shortv_k_by_tolerance_is_the_largest_within_it():
+    lc = _lc_result([0.5, 0.01, 0.3, 0.0], [0.1, 0.2, 0.9, 0.8])
+    plan = shortv_within_tolerance(lc, lambda p: 0.9 - (0.2 if 0 in p.layers("frozen") else 0.0), tolerance=0.05)
+    assert plan.layers("frozen") == (1, 2, 3)
+    assert set(plan.provenance["accuracy_by_k"]) == {"0", "1", "2", "3", "4"}

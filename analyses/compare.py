@@ -1,0 +1,118 @@
+"""Measured accuracy against FLOPs for the freezing policies and the papers' baselines.
+
+For each ``k``, the ``k`` layers chosen by each policy (``shortv``, ``cosine``, ``random``) have
+their visual tokens frozen and the model answers a held-out split; at equal ``k`` they cost the
+same FLOPs, so their accuracies compare directly. ``text`` is ShortV's control: the text tokens,
+not the visual ones, are frozen in the ``shortv``-chosen layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import datasets
+import pandas as pd
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin
+
+from eemllm_models import EfficiencyPlan, token_layout
+from eemllm_models.families import family_of
+
+from .evaluate import answer_frame
+from .flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
+from .policies import POLICIES, freeze_plan
+
+COMPARED = (*POLICIES, "text")
+"""What :func:`compare_policies` measures: the freezing policies and the frozen-text control."""
+
+
+@contextmanager
+def text_frozen(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[None]:
+    """Leave the text tokens' hidden states unchanged in decoder ``layers`` (visual tokens run in full).
+
+    The reference form of ShortV's text-freezing control: each layer runs as usual and its text
+    rows are put back to its input; decoded tokens (text) pass these layers unchanged too.
+    """
+    decoder = family_of(model).decoder_layers(model)
+    chosen = sorted(set(layers))
+    outside = [i for i in chosen if not 0 <= i < len(decoder)]
+    if outside:
+        raise ValueError(f"layers {outside} are outside 0..{len(decoder) - 1}")
+    text: list[torch.Tensor] = []
+
+    def read_layout(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("freezing text needs input_ids to find the visual tokens; pass input_ids")
+        text[:] = [~token_layout(model, input_ids).visual]
+
+    def put_back_text(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        result = output[0] if isinstance(output, tuple) else output
+        mixed = torch.where(text[0][..., None], hidden, result)
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    handles = [model.register_forward_pre_hook(read_layout, with_kwargs=True)]
+    handles += [decoder[i].register_forward_hook(put_back_text, with_kwargs=True) for i in chosen]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def text_frozen_flops_ratio(config, layers: Iterable[int], tokens: TokenCounts) -> float:
+    """Decoder prefill FLOPs with the text tokens frozen in ``layers``, over the original's.
+
+    Freezing text is ``frozen`` with the roles swapped: queries, o_proj and MLP run for the visual
+    rows only, keys and values for all.
+    """
+    shape = DecoderShape.from_config(config)
+    swapped = TokenCounts(0, tokens.text, tokens.visual)
+    chosen = set(layers)
+    full = sum(layer_flops(shape, tokens, "full").values())
+    frozen = sum(layer_flops(shape, swapped, "frozen").values())
+    return (len(chosen) * frozen + (shape.layers - len(chosen)) * full) / (shape.layers * full)
+
+
+def accuracy_on(model: PreTrainedModel, processor: ProcessorMixin, data: datasets.Dataset,
+                batch_size: int = 16) -> Callable[[EfficiencyPlan], float]:
+    """A function ``plan -> accuracy`` (exact match, 0..1) of ``model`` under a plan on ``data``."""
+    def accuracy(plan: EfficiencyPlan) -> float:
+        frame = answer_frame(model, processor, data, plan=plan, batch_size=batch_size, progress=False)
+        return float(frame.correct.mean())
+    return accuracy
+
+
+def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: datasets.Dataset, lc: xr.Dataset,
+                     ks: Sequence[int], tokens: TokenCounts, compared: Sequence[str] = COMPARED,
+                     seeds: Sequence[int] = (0,), batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Accuracy on ``data`` and decoder FLOPs ratio of each compared policy at each ``k``.
+
+    Returns one row per (policy, k, seed): columns ``policy``, ``k``, ``seed`` (the random
+    policy's; 0 otherwise), ``layers`` (the changed layers), ``flops_ratio``, ``accuracy``; plus
+    one ``original`` row at ``k`` 0. ``tokens`` are one prompt's token counts.
+    """
+    unknown = sorted(set(compared) - set(COMPARED))
+    if unknown:
+        raise ValueError(f"unknown comparison(s) {unknown}; choose from {COMPARED}")
+    accuracy = accuracy_on(model, processor, data, batch_size)
+    n_layers = lc.sizes["layer"]
+    runs = [(policy, k, seed) for k in ks for policy in compared for seed in (seeds if policy == "random" else (0,))]
+    rows = [{"policy": "original", "k": 0, "seed": 0, "layers": [], "flops_ratio": 1.0,
+             "accuracy": accuracy(EfficiencyPlan.empty(n_layers))}]
+    for policy, k, seed in tqdm(runs, desc="comparing policies", unit="plan", disable=not progress):
+        plan = freeze_plan(lc, k, "shortv" if policy == "text" else policy, seed)
+        layers = list(plan.layers("frozen"))
+        if policy == "text":
+            with text_frozen(model, layers):
+                score = accuracy(EfficiencyPlan.empty(n_layers))
+            ratio = text_frozen_flops_ratio(model.config, layers, tokens)
+        else:
+            score, ratio = accuracy(plan), flops_ratio(model.config, plan, tokens)
+        rows.append({"policy": policy, "k": k, "seed": seed, "layers": layers, "flops_ratio": ratio,
+                     "accuracy": score})
+    return pd.DataFrame(rows)

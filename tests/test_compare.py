@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from analyses.compare import compare_policies, text_frozen, text_frozen_flops_ratio
+from analyses.flops import TokenCounts, flops_ratio
+from eemllm_models import EfficiencyPlan, load_shapes_vqa, token_layout
+from eemllm_models.families import family_of
+from tiny_models import FAMILIES
+
+
+def _layer_io(model, inputs, layer):
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen["in"], seen["out"] = (args[0] if args else kwargs["hidden_states"]), output
+
+    handle = family_of(model).decoder_layers(model)[layer].register_forward_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return seen["in"], seen["out"], logits
+
+
+def test_text_frozen_puts_back_text_rows_only_and_restores_the_model():
+    build_model, build_batch = FAMILIES["llava"]
+    model = build_model(seed=1)
+    inputs = build_batch(model, 2, 2, seed=2, padding="left")
+    visual = token_layout(model, inputs["input_ids"]).visual[..., None]
+    _, original_out, original_logits = _layer_io(model, inputs, 1)
+    with text_frozen(model, [1]):
+        hidden_in, out, _ = _layer_io(model, inputs, 1)
+    torch.testing.assert_close(torch.where(visual, original_out, hidden_in), out)
+    assert not torch.equal(out, original_out)
+    torch.testing.assert_close(_layer_io(model, inputs, 1)[2], original_logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        with text_frozen(model, [4]):
+            pass
+
+
+def test_text_frozen_flops_swap_the_roles_of_text_and_visual():
+    model = FAMILIES["llava"][0](seed=1)
+    balanced = TokenCounts(text_before=0, visual=40, text_after=40)
+    frozen = flops_ratio(model.config, EfficiencyPlan.from_layers(4, [0, 2]), balanced)
+    assert text_frozen_flops_ratio(model.config, [0, 2], balanced) == pytest.approx(frozen)
+    few_text = TokenCounts(text_before=2, visual=100, text_after=10)
+    assert text_frozen_flops_ratio(model.config, [0, 2], few_text) > 0.9
+
+
+def test_compare_policies_measures_every_policy_at_every_k(default_model):
+    import probes
+
+    model, processor = default_model
+    lc = probes.layer_contribution(model, processor, load_shapes_vqa("train", n=20), samples=2, progress=False)
+    tokens = TokenCounts(5, 100, 30)
+    frame = compare_policies(model, processor, load_shapes_vqa("test", n=4), lc, ks=[2, 4], tokens=tokens,
+                             seeds=(0, 1), progress=False)
+    assert list(frame.columns) == ["policy", "k", "seed", "layers", "flops_ratio", "accuracy"]
+    assert len(frame) == 1 + 2 * (3 + 2)
+    same_k = frame[(frame.k == 2) & (frame.policy != "text")]
+    assert same_k.flops_ratio.nunique() == 1
+    text = frame[frame.policy == "text"]
+    assert (text.layers.values == frame[frame.policy == "shortv"].layers.values).all()
+    assert frame.accuracy.between(0, 1).all()
+    with pytest.raises(ValueError, match="unknown comparison"):
+        compare_policies(model, processor, load_shapes_vqa("test", n=2), lc, [1], tokens, compared=["fastv"])
