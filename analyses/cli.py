@@ -49,7 +49,7 @@ def _probe(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.probes) - set(PROBE_FILES))
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; choose from {sorted(PROBE_FILES)}")
-    model, processor = _load(args.model)
+    model, processor = _load(args)
     data = load_shapes_vqa(args.split, n=args.rows)
     common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size)
     for name in args.probes:
@@ -73,12 +73,70 @@ def _probe(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import probes
 
-    from .policies import freeze_plan
+    from . import policies
+
+    if args.policy in policies.POLICIES:
+        if (args.k is None) == (args.tolerance is None):
+            raise ValueError(f"--policy {args.policy} needs either --k (layers to freeze) or --tolerance "
+                             "(the largest k whose measured accuracy drop stays within it)")
+        lc = probes.open_result(args.lc or _missing("--lc (lc.nc from `eemllm probe`)"), probe="layer_contribution")
+        if args.k is not None:
+            plan = policies.freeze_plan(lc, args.k, args.policy, args.seed)
+        elif args.policy != "shortv":
+            raise ValueError("--tolerance chooses k for the shortv policy only; give --k for cosine and random")
+        else:
+            plan = policies.shortv_within_tolerance(lc, _held_out_accuracy(args), args.tolerance)
+    elif args.policy in ("budget", "greedy"):
+        from .tokens import shapes_vqa_token_counts
+
+        modes = probes.open_result(args.modes or _missing("--modes (mode_contribution.nc from `eemllm probe`)"),
+                                   probe="mode_contribution")
+        model, processor = _load(args)
+        tokens = shapes_vqa_token_counts(model, processor)
+        if args.policy == "budget":
+            plan = policies.budget_plan(modes, model.config, tokens, args.target)
+        else:
+            plan = policies.greedy_plan(modes, model.config, tokens, _held_out_accuracy(args, (model, processor)),
+                                        0.01 if args.tolerance is None else args.tolerance)
+    else:
+        raise ValueError(f"unknown policy {args.policy!r}; choose from {[*policies.POLICIES, 'budget', 'greedy']}")
+    path = plan.save(args.out)
+    changed = {m: list(plan.layers(m)) for m in ("frozen", "naavit", "composite") if plan.layers(m)}
+    print(f"{args.policy}: {changed or 'no layer changed'}; wrote {path}")
+    return 0
+
+
+def _missing(what: str):
+    raise ValueError(f"this policy needs {what}")
+
+
+def _held_out_accuracy(args: argparse.Namespace, loaded=None):
+    """``plan -> accuracy`` on ``--samples`` shapes-vqa questions of ``--split`` (held out from the probe's)."""
+    from eemllm_models import load_shapes_vqa
+
+    from .compare import accuracy_on
+
+    model, processor = loaded or _load(args)
+    return accuracy_on(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import probes
+    from eemllm_models import load_shapes_vqa
+    from eemllm_models.files import atomic_write
+
+    from .compare import compare_policies
+    from .tokens import shapes_vqa_token_counts
 
     lc = probes.open_result(args.lc, probe="layer_contribution")
-    plan = freeze_plan(lc, args.k, args.policy, args.seed)
-    path = plan.save(args.out)
-    print(f"{args.policy}: freeze visual tokens in layers {sorted(plan.layers('frozen'))}; wrote {path}")
+    model, processor = _load(args)
+    frame = compare_policies(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed), lc,
+                             args.ks, shapes_vqa_token_counts(model, processor), args.policies, args.seeds,
+                             args.batch_size)
+    path = atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False))
+    table = frame.groupby(["k", "policy"], sort=False).agg(flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean"))
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {path}")
     return 0
 
 
@@ -99,17 +157,49 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model: str):
-    from eemllm_models import load_default, load_model
+DTYPES = ("float32", "bfloat16", "float16")
 
-    return load_default() if model == "default" else load_model(model)
+
+def _load(args: argparse.Namespace):
+    """The model and processor named by ``--model`` on ``--device`` in ``--dtype``; a pruned model
+    directory (``eemllm prune``) comes with its plan applied."""
+    import torch
+
+    from eemllm_models import load_default, load_model, load_pruned
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    dtype = getattr(torch, args.dtype)
+    device_map = "auto" if args.device == "auto" else None
+    if args.model == "default":
+        model, processor = load_default(dtype)
+    elif _is_pruned(Path(args.model)):
+        from transformers import AutoProcessor
+
+        model, _ = load_pruned(args.model, dtype=dtype, device_map=device_map)
+        processor = AutoProcessor.from_pretrained(args.model)
+    else:
+        model, processor = load_model(args.model, dtype=dtype, device_map=device_map)
+    return (model, processor) if device_map else (model.to(args.device), processor)
+
+
+def _is_pruned(path: Path) -> bool:
+    import json
+
+    from eemllm_models.apply import CONFIG_KEY
+
+    config = path / "config.json"
+    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
 
 
 def _plan_for(model, plan: str | None):
     """The plan named on the command line for ``model`` (a loaded model or a layer count): a preset,
     a JSON file, or none (all layers full)."""
     from eemllm_models import EfficiencyPlan
+    from eemllm_models.apply import applied_plan
 
+    if not isinstance(model, int) and applied_plan(model) is not None and plan is not None:
+        raise ValueError("--model is a pruned model that runs its own plan; drop --plan, or pass the original model")
     if plan is None:
         return EfficiencyPlan.uniform(model, "full")
     return EfficiencyPlan.load(plan) if Path(plan).is_file() else EfficiencyPlan.preset(plan)
@@ -119,14 +209,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from eemllm_models import load_shapes_vqa
+    from eemllm_models.apply import applied_plan
     from eemllm_models.files import atomic_write, atomic_write_text
 
     from .evaluate import answer_frame, scores
 
-    model, processor = _load(args.model)
-    plan = _plan_for(model, args.plan)
-    frame = answer_frame(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed), plan=plan,
-                         batch_size=args.batch_size)
+    model, processor = _load(args)
+    carried = applied_plan(model)
+    plan = carried.plan if carried and args.plan is None else _plan_for(model, args.plan)
+    frame = answer_frame(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed),
+                         plan=None if carried else plan, batch_size=args.batch_size)
     result = scores(frame)
     atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": result}, indent=1) + "\n")
@@ -139,7 +231,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from eemllm_models import save_pruned
 
-    model, processor = _load(args.model)
+    model, processor = _load(args)
     plan = _plan_for(model, args.plan)
     path = save_pruned(model, plan, args.out, processor=processor, overwrite=args.overwrite)
     print(f"wrote {path} ({len(plan.modes) - len(plan.layers('full'))} of {plan.n_layers} layers changed); "
@@ -157,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``eemllm`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="eemllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--model", default="default",
+                         help="model directory (a pruned one comes with its plan) or hub name (default: the embedded one)")
+    loading.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (accelerate device_map)")
+    loading.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
     demo = commands.add_parser("demo", help="run the main job on the embedded default model")
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo's results")
     demo.add_argument("--n", type=int, default=28, help="number of shapes-vqa test questions (default 28)")
@@ -166,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace a pruned model left in --out")
     demo.set_defaults(run=_demo)
 
-    probe = commands.add_parser("probe", help="measure Layer Contribution, mode contributions and attention "
-                                              "statistics on shapes-vqa (shard with torchrun/accelerate launch)")
-    probe.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    probe = commands.add_parser("probe", parents=[loading],
+                                help="measure Layer Contribution, mode contributions and attention statistics on "
+                                     "shapes-vqa (shard with torchrun/accelerate launch)")
     probe.add_argument("--samples", type=int, default=40, help="number of samples (default 40, as ShortV)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
     probe.add_argument("--out", type=Path, required=True, help="directory for lc.nc and the other probes' files")
@@ -183,13 +280,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory for per-batch checkpoints; rerun with it to resume an interrupted run")
     probe.set_defaults(run=_probe)
 
-    plan = commands.add_parser("plan", help="turn a Layer Contribution result into an efficiency plan")
-    plan.add_argument("--lc", type=Path, required=True, help="lc.nc written by `eemllm probe`")
-    plan.add_argument("--k", type=int, required=True, help="number of layers whose visual tokens are frozen")
-    plan.add_argument("--policy", default="shortv", help="shortv (lowest visual LC, default), cosine or random")
-    plan.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    plan = commands.add_parser("plan", parents=[loading],
+                                help="turn probe results into an efficiency plan (shortv, cosine, random, budget, greedy)")
+    plan.add_argument("--policy", default="shortv",
+                      help="shortv (lowest visual LC, default), cosine, random: freeze k layers (--lc, --k or "
+                           "--tolerance); budget: reach --target FLOPs (--modes); greedy: accuracy-checked (--modes)")
+    plan.add_argument("--lc", type=Path, default=None, help="lc.nc written by `eemllm probe`")
+    plan.add_argument("--modes", type=Path, default=None, help="mode_contribution.nc written by `eemllm probe`")
+    plan.add_argument("--k", type=int, default=None, help="number of layers whose visual tokens are frozen")
+    plan.add_argument("--target", type=float, default=0.5, help="budget: decoder FLOPs share to reach (default 0.5)")
+    plan.add_argument("--tolerance", type=float, default=None,
+                      help="largest accuracy drop allowed, measured on held-out questions (shortv: chooses k; "
+                           "greedy: default 0.01)")
+    plan.add_argument("--samples", type=int, default=70, help="held-out shapes-vqa questions (default 70)")
+    plan.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the random policy and the held-out questions")
     plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
     plan.set_defaults(run=_plan)
+
+    compare = commands.add_parser("compare", parents=[loading],
+                                  help="accuracy vs FLOPs of the freezing policies and the frozen-text control")
+    compare.add_argument("--lc", type=Path, required=True, help="lc.nc written by `eemllm probe`")
+    compare.add_argument("--ks", type=int, nargs="+", default=[3, 6, 9], help="numbers of layers to freeze")
+    compare.add_argument("--policies", nargs="+", default=["shortv", "cosine", "random", "text"],
+                         help="policies to compare (default: shortv cosine random text)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random policy")
+    compare.add_argument("--samples", type=int, default=70, help="held-out shapes-vqa questions (default 70)")
+    compare.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the held-out questions")
+    compare.add_argument("--batch-size", type=int, default=16)
+    compare.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    compare.set_defaults(run=_compare)
 
     flops = commands.add_parser("flops", help="prefill FLOPs of a model under a plan (offline for the paper models)")
     flops.add_argument("--model", required=True,
@@ -200,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="visual tokens per prompt (default: the paper's 576 or 2880)")
     flops.set_defaults(run=_flops)
 
-    evaluate = commands.add_parser("evaluate", help="answer shapes-vqa questions (under a plan) and score them")
-    evaluate.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    evaluate = commands.add_parser("evaluate", parents=[loading],
+                                   help="answer shapes-vqa questions (under a plan) and score them")
     evaluate.add_argument("--plan", default=None, help="a preset or a plan JSON file (default: no plan)")
     evaluate.add_argument("--samples", type=int, default=140, help="number of questions (default 140)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -210,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="directory for answers.csv and scores.json")
     evaluate.set_defaults(run=_evaluate)
 
-    prune = commands.add_parser("prune", help="save a model with a plan as a training-free pruned model")
-    prune.add_argument("--model", default="default", help="model directory or hub name (default: the embedded one)")
+    prune = commands.add_parser("prune", parents=[loading],
+                                help="save a model with a plan as a training-free pruned model")
     prune.add_argument("--plan", required=True, help="a preset or a plan JSON file")
     prune.add_argument("--out", type=Path, required=True, help="directory to write (refused if it exists)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

@@ -14,13 +14,14 @@ import pandas as pd
 import xarray as xr
 
 import probes
-from eemllm_models import EfficiencyPlan, build_prompt, load_default, load_shapes_vqa, save_pruned, token_layout
+from eemllm_models import EfficiencyPlan, load_default, load_shapes_vqa, save_pruned
 from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.zoo import shapes_vqa
 
 from .evaluate import answer_frame, scores
-from .flops import TokenCounts, flops_ratio
+from .flops import flops_ratio
 from .policies import freeze_plan
+from .tokens import shapes_vqa_token_counts
 
 SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
@@ -61,7 +62,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     plan = freeze_plan(lc, round(SHORTV_SHARE * lc.sizes["layer"]), "shortv")
     pruned = answer_frame(model, processor, data, plan=plan, batch_size=batch_size, progress=False)
     frame["pruned_prediction"], frame["pruned_correct"] = pruned.prediction, pruned.correct
-    ratio = flops_ratio(model.config, plan, _token_counts(model, processor))
+    ratio = flops_ratio(model.config, plan, shapes_vqa_token_counts(model, processor))
     summary = {
         "model": "eemllm default (embedded)", "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),
@@ -74,11 +75,3 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     plan.save(out / "plan.json")
     save_pruned(model, plan, out / "pruned-model", processor=processor, overwrite=overwrite)
     return DemoResult(frame, lc, plan, ratio)
-
-
-def _token_counts(model, processor) -> TokenCounts:
-    """Token counts of one shapes-vqa prompt (the FLOPs count depends only on them)."""
-    row = load_shapes_vqa("test", n=1)[0]
-    ids = processor(images=[row["image"]], text=[build_prompt(processor, row["question"])],
-                    return_tensors="pt")["input_ids"]
-    return TokenCounts.from_layout(token_layout(model, ids))

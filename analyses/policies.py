@@ -36,8 +36,10 @@ POLICIES = ("shortv", "cosine", "random")
 
 
 def _probe_provenance(result: xr.Dataset) -> dict:
-    return {f"probe_{key}": result.attrs[key] for key in ("model", "dataset", "samples", "seed", "divergence")
-            if key in result.attrs}
+    """The probe result's identifying attrs, as plain JSON values (netCDF gives numpy scalars)."""
+    attrs = result.attrs
+    return {f"probe_{key}": getattr(attrs[key], "item", lambda: attrs[key])()
+            for key in ("model", "dataset", "samples", "seed", "divergence") if key in attrs}
 
 
 def _check_lc_result(lc: xr.Dataset) -> None:

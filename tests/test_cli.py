@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
+import torch
 import xarray as xr
 
 from transformers import AutoProcessor
@@ -98,3 +100,55 @@ def test_plan_command_freezes_the_lowest_lc_layers(tmp_path, capsys):
     assert EfficiencyPlan.load(tmp_path / "plan.json").modes == ["full", "frozen", "frozen"]
     assert main(["plan", "--lc", str(tmp_path / "missing.nc"), "--k", "2", "--out", str(tmp_path / "p.json")]) == 2
     assert "run `eemllm probe`" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    assert main(["probe", "--samples", "2", "--rows", "20", "--probes", "lc", "modes", "--out", str(out)]) == 0
+    return out
+
+
+def test_plan_command_runs_every_policy(probe_dir, tmp_path):
+    lc, modes = str(probe_dir / "lc.nc"), str(probe_dir / "mode_contribution.nc")
+    assert main(["plan", "--lc", lc, "--k", "4", "--policy", "cosine", "--out", str(tmp_path / "c.json")]) == 0
+    assert len(EfficiencyPlan.load(tmp_path / "c.json").layers("frozen")) == 4
+    assert main(["plan", "--policy", "budget", "--modes", modes, "--target", "0.6", "--out", str(tmp_path / "b.json")]) == 0
+    assert EfficiencyPlan.load(tmp_path / "b.json").provenance["flops_ratio"] <= 0.6
+    assert main(["plan", "--policy", "shortv", "--lc", lc, "--tolerance", "0", "--samples", "3",
+                 "--out", str(tmp_path / "t.json")]) == 0
+    assert set(EfficiencyPlan.load(tmp_path / "t.json").provenance["accuracy_by_k"]) == {str(k) for k in range(13)}
+    assert main(["plan", "--policy", "greedy", "--modes", modes, "--samples", "2", "--out", str(tmp_path / "g.json")]) == 0
+    assert EfficiencyPlan.load(tmp_path / "g.json").provenance["policy"] == "greedy"
+
+
+def test_plan_and_load_errors_name_the_fix(probe_dir, tmp_path, capsys):
+    assert main(["plan", "--lc", str(probe_dir / "lc.nc"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "needs either --k" in capsys.readouterr().err
+    assert main(["plan", "--policy", "budget", "--out", str(tmp_path / "x.json")]) == 2
+    assert "needs --modes" in capsys.readouterr().err
+    assert main(["plan", "--policy", "budget", "--modes", str(probe_dir / "lc.nc"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "mode_contribution" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["evaluate", "--device", "cuda", "--out", str(tmp_path / "e")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    other_model = EfficiencyPlan.preset("shortv:llava-1.5-7b").save(tmp_path / "7b.json")
+    assert main(["evaluate", "--plan", str(other_model), "--samples", "2", "--out", str(tmp_path / "e")]) == 2
+    assert "the plan has 32 layers but LlavaForConditionalGeneration has 12" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "e").exists()
+
+
+def test_compare_command_writes_the_policy_table(probe_dir, tmp_path, capsys):
+    out = tmp_path / "compare.csv"
+    assert main(["compare", "--lc", str(probe_dir / "lc.nc"), "--ks", "2", "--seeds", "0", "--samples", "3",
+                 "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert sorted(frame.policy) == ["cosine", "original", "random", "shortv", "text"]
+    assert "shortv" in capsys.readouterr().out
+
+
+def test_commands_load_a_pruned_model_with_its_plan(tmp_path, capsys):
+    assert main(["prune", "--plan", str(_frozen_plan(tmp_path)), "--dtype", "bfloat16", "--out", str(tmp_path / "p")]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "p"), "--samples", "3", "--out", str(tmp_path / "e")]) == 0
+    saved = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert saved["plan"]["modes"][10:] == ["frozen", "frozen"]
