@@ -208,17 +208,19 @@ def _plan_for(model, plan: str | None):
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from eemllm_models import load_shapes_vqa
     from eemllm_models.apply import applied_plan
     from eemllm_models.files import atomic_write, atomic_write_text
 
+    from .benchmarks import load_benchmark
     from .evaluate import answer_frame, scores
 
+    samples = 140 if args.samples is None and args.benchmark == "shapes-vqa" else args.samples
+    data = load_benchmark(args.benchmark, path=args.data, split=args.split, n=samples, seed=args.seed)
     model, processor = _load(args)
     carried = applied_plan(model)
     plan = carried.plan if carried and args.plan is None else _plan_for(model, args.plan)
-    frame = answer_frame(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed),
-                         plan=None if carried else plan, batch_size=args.batch_size)
+    frame = answer_frame(model, processor, data, plan=None if carried else plan, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens)
     result = scores(frame)
     atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": result}, indent=1) + "\n")
@@ -322,11 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     flops.set_defaults(run=_flops)
 
     evaluate = commands.add_parser("evaluate", parents=[loading],
-                                   help="answer shapes-vqa questions (under a plan) and score them")
+                                   help="answer a benchmark's questions (under a plan) and score them")
     evaluate.add_argument("--plan", default=None, help="a preset or a plan JSON file (default: no plan)")
-    evaluate.add_argument("--samples", type=int, default=140, help="number of questions (default 140)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-    evaluate.add_argument("--split", default="test", help="shapes-vqa split (default test)")
+    evaluate.add_argument("--benchmark", default="shapes-vqa",
+                          help="shapes-vqa (built in, default), mmbench, mme, pope, textvqa, gqa, scienceqa-img or "
+                               "seedbench (from --data or the HF cache)")
+    evaluate.add_argument("--data", type=Path, default=None,
+                          help="local copy of a public benchmark (its downloaded hub folder or one data file)")
+    evaluate.add_argument("--samples", type=int, default=None,
+                          help="number of questions (default: 140 of shapes-vqa, all of a public set)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the question sample (default 0)")
+    evaluate.add_argument("--split", default=None, help="split (default: the benchmark's own, test for shapes-vqa)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="answer length limit (default: 8 for shapes-vqa, 16 for public sets)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--out", type=Path, required=True, help="directory for answers.csv and scores.json")
     evaluate.set_defaults(run=_evaluate)

@@ -1,22 +1,92 @@
-"""Analytic prefill FLOPs of decoder layers per mode, from the model config and the token counts.
+"""FLOPs of a multimodal model under an :class:`~eemllm_models.EfficiencyPlan`, counted analytically.
 
-Counting convention (multiply-adds count 2): projections and MLP are ``2 * rows * in * out``;
-attention scores and the weighted sum of values are ``4 * queries * keys * heads * head_dim``
-with every key of the sequence counted for every query, causal or not (ShortV's convention).
-Norms, rotary embeddings, softmax, the vision tower and lm_head are not counted here.
+Two conventions, both from the model config, the plan and the prompt's :class:`TokenCounts`
+(``t`` text tokens, ``v`` visual tokens, ``n = t + v``; ``h`` hidden size, ``m`` MLP size). A
+multiply-add counts 2 FLOPs: a ``[rows, in] x [in, out]`` product is ``2 * rows * in * out``.
+
+**ShortV's convention** (:func:`shortv_convention_flops`, and :func:`layer_flops` /
+:func:`plan_flops` / :func:`flops_ratio` for every mode): prefill of the decoder layers only,
+attention projections, attention scores and MLP, every key of the sequence counted for every
+query (causal or not). Per ``full`` layer ``2(t+v)(4h+3m)h + 4(t+v)^2 h``; per ``frozen`` layer
+``2t(4h+3m)h + 4vh^2 + 4t(t+v)h`` (keys and values of visual tokens are still projected).
+``layer_flops`` generalises it to grouped-query attention and to ``naavit`` (visual queries
+score every text key and themselves) and ``composite`` (no visual queries).
+
+**The full count** (:func:`full_flops`) is what a real ``model.generate()`` of a LLaVA model
+computes with the plan applied by its fast implementation (``plan.applied(model)``): the vision
+tower, the projector, every decoder layer, the final norm and lm_head, for the prefill and for
+each decoded token, as a tidy frame split by part, layer and component. LLaVA-1.5 resizes every
+image to the tower's ``image_size``, so an image is ``(image_size / patch_size)^2`` visual tokens
+and the token counts give the number of images; HF runs every tower layer, even those after
+``vision_feature_layer``. Other families' towers (anyres tiles, Qwen2-VL's native resolution) are
+refused with ``NotImplementedError``; their language model can still be counted.
+
+- Matrix products (what ``torch.utils.flop_counter.FlopCounterMode`` counts; the rows
+  :func:`matmul_flops` selects): ``q_proj``, ``kv_proj``, ``o_proj``, ``attention`` (scores and
+  the weighted sum of values, ``4 * queries * keys * heads * head_dim``), ``mlp``, the tower's
+  ``patch_embed`` convolution, the projector's ``linear_1``/``linear_2`` and ``lm_head``.
+  Attention kernels compute dense blocks, so a causal mask saves nothing: a full layer scores
+  ``n * n`` pairs. ``naavit``'s fast path (its default ``gather`` kernel) scores each visual
+  query against every non-visual key of the prompt (the causal mask drops the later ones
+  afterwards) and its own key; the ``flex`` kernel's block-sparse work is not modelled here.
+- Element-wise work, counted with the per-element costs of :data:`ELEMENTWISE_FLOPS` and
+  :data:`ACTIVATION_FLOPS` (conventions, not measurements): ``norm``, ``rotary``, ``softmax``,
+  ``activation``, ``residual``, ``bias``, ``position_embed``, and ``attention_self`` (``naavit``'s
+  score of a visual query against its own key and the weighted own value, ``4 * heads * head_dim``
+  per visual token, done with element-wise products).
+
+The prefill's lm_head covers ``logits_to_keep`` positions: ``generate()`` passes 1 (only the last
+position's logits); a plain ``model(**batch)`` call computes all of them (``logits_to_keep=0``).
+Decoded tokens are text, so every decoder layer runs ``full`` for them, attending to the cache.
+The count is per prompt; a padded batch also computes padding rows. :func:`layer_flops`,
+:func:`plan_flops` and :func:`flops_ratio` are the decoder's matrix-product part of it.
+
+:func:`cross_check` holds the two together: it counts a real ``generate()`` under the plan with
+:func:`flop_counter` (``FlopCounterMode`` plus CPU ``sdpa``), splits the counts by module
+(:func:`counted_flops`) and sets them beside :func:`matmul_flops`; on the tiny and the shipped
+LLaVA models they agree exactly in every mode (``tests/test_flops.py``).
 """
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from transformers import AutoConfig, PretrainedConfig
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from eemllm_models import EfficiencyPlan, TokenLayout
+from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attention", "mlp")
+PARTS = ("vision_tower", "projector", "decoder", "lm_head")
+MATMUL_COMPONENTS = frozenset(COMPONENTS) | {"patch_embed", "linear_1", "linear_2", "lm_head"}
+"""Components made of matrix products: the ones ``FlopCounterMode`` counts."""
+ELEMENTWISE_FLOPS = {
+    "rms_norm": 4,  # per element: square, sum, scale, weight
+    "layer_norm": 7,  # per element: mean, subtract, square, sum, scale, weight, bias
+    "rotary": 3,  # per rotated q/k element: x*cos, rotate_half(x)*sin, add
+    "rotary_table": 3,  # per (position, head_dim) entry of the cos/sin table: frequency, cos, sin
+    "softmax": 5,  # per score: scale, max, subtract-and-exp, sum, divide
+    "residual": 1,  # per element added
+    "bias": 1,  # per output element of a linear layer with a bias
+    "position_embed": 1,  # per element of the tower's embeddings
+    "gate": 1,  # per MLP element: act(gate) * up
+}
+"""FLOPs per element of the element-wise operations of :func:`full_flops` (a convention)."""
+ACTIVATION_FLOPS = {"silu": 4, "quick_gelu": 5, "gelu": 8, "gelu_new": 8, "gelu_pytorch_tanh": 8, "relu": 1}
+"""FLOPs per element of each activation (``x * sigmoid(x)`` is 4: exp, add, divide, multiply)."""
+LLAMA_STYLE_DECODERS = ("llama", "mistral", "qwen2")
+_UNSUPPORTED_VISION = {
+    "llava_next": "anyres tiling (a base image and crops per image, unpadding and image-newline tokens)",
+    "llava_onevision": "anyres tiling (crops per image, pooling and image-newline tokens)",
+    "qwen2_vl": "native-resolution ViT with 2x2 patch merging",
+    "qwen2_5_vl": "native-resolution windowed ViT with 2x2 patch merging",
+}
 
 
 @dataclass(frozen=True)
@@ -30,9 +100,15 @@ class TokenCounts:
     @classmethod
     def from_layout(cls, layout: TokenLayout, row: int = 0) -> TokenCounts:
         """The counts of sequence ``row`` of a batch (text before its first image, visual, the rest)."""
-        start, _ = layout.image_spans(row)[0]
+        spans = layout.image_spans(row)
+        start = spans[0][0] if spans else layout.visual.shape[1]
         before = int(layout.text[row, :start].sum())
         return cls(before, int(layout.n_visual[row]), int(layout.n_text[row]) - before)
+
+    @classmethod
+    def for_images(cls, config: PretrainedConfig, images: int, text_before: int, text_after: int) -> TokenCounts:
+        """A prompt with ``images`` images of a LLaVA-1.5 model (each resized to the tower's ``image_size``)."""
+        return cls(text_before, images * visual_tokens_per_image(config), text_after)
 
     @property
     def text(self) -> int:
@@ -45,41 +121,39 @@ class TokenCounts:
 
 @dataclass(frozen=True)
 class DecoderShape:
+    """Sizes of a Llama-style decoder; the fields after ``layers`` matter only to :func:`full_flops`."""
+
     hidden: int
     intermediate: int
     heads: int
     kv_heads: int
     head_dim: int
     layers: int
+    vocab: int = 0
+    activation: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> DecoderShape:
         """The decoder of a multimodal config (its ``text_config``) or of a text config."""
         text = config.get_text_config()
         heads = text.num_attention_heads
+        attention_bias = bool(getattr(text, "attention_bias", False))
         return cls(text.hidden_size, text.intermediate_size, heads, getattr(text, "num_key_value_heads", heads),
-                   getattr(text, "head_dim", None) or text.hidden_size // heads, text.num_hidden_layers)
+                   getattr(text, "head_dim", None) or text.hidden_size // heads, text.num_hidden_layers,
+                   vocab=getattr(text, "vocab_size", 0), activation=getattr(text, "hidden_act", "silu"),
+                   qkv_bias=attention_bias or getattr(text, "model_type", None) == "qwen2", o_bias=attention_bias,
+                   mlp_bias=bool(getattr(text, "mlp_bias", False)))
 
 
 def layer_flops(shape: DecoderShape, tokens: TokenCounts, mode: str) -> dict[str, float]:
-    """Prefill FLOPs of one decoder layer in ``mode`` for one prompt, by component."""
-    n, t, v = tokens.total, tokens.text, tokens.visual
-    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    query_rows = {"full": n, "naavit": n, "frozen": t, "composite": t}[mode]
-    output_rows = {"full": n, "naavit": n, "frozen": t, "composite": n}[mode]
-    if mode == "full":
-        scored = n * n
-    elif mode == "naavit":
-        scored = t * n + v * (tokens.text_before + 1)
-    else:
-        scored = t * n
-    return {
-        "q_proj": 2 * query_rows * shape.hidden * q_width,
-        "kv_proj": 2 * 2 * n * shape.hidden * kv_width,
-        "o_proj": 2 * output_rows * q_width * shape.hidden,
-        "attention": 4 * scored * q_width,
-        "mlp": 2 * 3 * output_rows * shape.hidden * shape.intermediate,
-    }
+    """Prefill FLOPs of one decoder layer in ``mode`` for one prompt, by matrix-product component
+    (:data:`COMPONENTS`): the full count's decoder layer without its element-wise work, except that
+    ``naavit``'s own-key scores count as attention."""
+    layer = _prefill_layer(shape, tokens, mode)
+    return {c: layer[c] + (layer["attention_self"] if c == "attention" else 0) for c in COMPONENTS}
 
 
 def plan_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCounts) -> pd.DataFrame:
@@ -99,6 +173,308 @@ def flops_ratio(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCou
     planned = plan_flops(config, plan, tokens).flops.sum()
     full = plan_flops(config, EfficiencyPlan.empty(plan.n_layers), tokens).flops.sum()
     return float(planned / full)
+
+
+# The full count.
+
+def _activation_flops(name: str) -> int:
+    if name not in ACTIVATION_FLOPS:
+        raise ValueError(f"no per-element cost for activation {name!r}; add it to analyses.flops.ACTIVATION_FLOPS "
+                         f"(known: {sorted(ACTIVATION_FLOPS)})")
+    return ACTIVATION_FLOPS[name]
+
+
+@dataclass(frozen=True)
+class _LlavaVision:
+    """LLaVA-1.5's CLIP tower and two-layer projector."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    patch: int
+    image_size: int
+    channels: int
+    activation: str
+    features: int  # visual tokens per image: patches, plus the CLS token with the "full" strategy
+    projector_in: int
+    projector_out: int
+    projector_activation: str
+    projector_bias: bool
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> _LlavaVision:
+        model_type = getattr(config, "model_type", None)
+        vision = getattr(config, "vision_config", None)
+        if vision is None:
+            raise ValueError(f"the config (model type {model_type!r}) has no vision tower; "
+                             "count the language model only with parts=('decoder', 'lm_head')")
+        if model_type != "llava":
+            what = _UNSUPPORTED_VISION.get(model_type, "vision tower and projector")
+            raise NotImplementedError(
+                f"full_flops counts the vision tower and projector of LLaVA-1.5 (model type 'llava') only; "
+                f"{model_type!r}'s {what} is not implemented. Count the language model with "
+                "parts=('decoder', 'lm_head') and TokenCounts of its visual tokens")
+        if vision.model_type != "clip_vision_model":
+            raise NotImplementedError(f"full_flops counts CLIP vision towers, not {vision.model_type!r}; "
+                                      "count the language model with parts=('decoder', 'lm_head')")
+        strategy = config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}; LLaVA uses 'default' or 'full'")
+        feature_layers = config.vision_feature_layer
+        stacked = 1 if isinstance(feature_layers, int) else len(feature_layers)
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return cls(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, vision.num_hidden_layers,
+                   vision.patch_size, vision.image_size, vision.num_channels, vision.hidden_act,
+                   patches + (strategy == "full"), vision.hidden_size * stacked, config.get_text_config().hidden_size,
+                   config.projector_hidden_act, bool(getattr(config, "multimodal_projector_bias", True)))
+
+    def tower(self, images: int) -> dict[int, dict[str, int]]:
+        """FLOPs by tower layer (-1: embeddings and the pre/post norms) and component, for ``images`` images.
+
+        HF LLaVA runs every tower layer and then picks ``vision_feature_layer``'s hidden states, so
+        the layers after the feature layer are counted too. The post-norm runs on the CLS row only.
+        """
+        e, n, d = ELEMENTWISE_FLOPS, self.patches + 1, self.hidden
+        embed = {"patch_embed": 2 * self.patches * self.channels * self.patch**2 * d,
+                 "position_embed": e["position_embed"] * n * d, "norm": e["layer_norm"] * (n + 1) * d}
+        layer = {
+            "q_proj": 2 * n * d * d, "kv_proj": 2 * 2 * n * d * d, "o_proj": 2 * n * d * d,
+            "attention": 4 * n * n * d, "mlp": 2 * 2 * n * d * self.intermediate,
+            "norm": e["layer_norm"] * 2 * n * d, "softmax": e["softmax"] * n * n * self.heads,
+            "activation": _activation_flops(self.activation) * n * self.intermediate,
+            "residual": e["residual"] * 2 * n * d, "bias": e["bias"] * n * (5 * d + self.intermediate),
+        }
+        out = {-1: embed, **{i: layer for i in range(self.layers)}}
+        return {i: {c: images * f for c, f in counts.items()} for i, counts in out.items()}
+
+    def projector(self, images: int) -> dict[str, int]:
+        """FLOPs of ``linear_1 -> activation -> linear_2`` over every image's selected features."""
+        rows, out = images * self.features, self.projector_out
+        return {"linear_1": 2 * rows * self.projector_in * out, "linear_2": 2 * rows * out * out,
+                "activation": _activation_flops(self.projector_activation) * rows * out,
+                "bias": ELEMENTWISE_FLOPS["bias"] * 2 * rows * out * self.projector_bias}
+
+
+def visual_tokens_per_image(config: PretrainedConfig) -> int:
+    """Visual tokens one image becomes in a LLaVA-1.5 model: ``(image_size / patch_size)^2`` (+1 with
+    the ``full`` feature strategy). Every image is resized to the tower's ``image_size``."""
+    return _LlavaVision.from_config(config).features
+
+
+def _decoder_layer(shape: DecoderShape, kv_rows: int, query_rows: int, output_rows: int, scored: int,
+                   self_scored: int) -> dict[str, int]:
+    """FLOPs of one decoder layer that projects keys/values of ``kv_rows`` rows, queries of ``query_rows``,
+    scores ``scored`` (query, key) pairs by matrix products and ``self_scored`` element-wise, and runs
+    o_proj and the MLP on ``output_rows`` rows."""
+    e, h, m = ELEMENTWISE_FLOPS, shape.hidden, shape.intermediate
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return {
+        "q_proj": 2 * query_rows * h * q_width,
+        "kv_proj": 2 * 2 * kv_rows * h * kv_width,
+        "o_proj": 2 * output_rows * q_width * h,
+        "attention": 4 * scored * q_width,
+        "mlp": 2 * 3 * output_rows * h * m,
+        "attention_self": 4 * self_scored * q_width,
+        "norm": e["rms_norm"] * (kv_rows + output_rows) * h,
+        "rotary": e["rotary"] * (query_rows * q_width + kv_rows * kv_width),
+        "softmax": e["softmax"] * (scored + self_scored) * shape.heads,
+        "activation": (_activation_flops(shape.activation) + e["gate"]) * output_rows * m,
+        "residual": e["residual"] * 2 * output_rows * h,
+        "bias": e["bias"] * (shape.qkv_bias * (query_rows * q_width + 2 * kv_rows * kv_width)
+                             + shape.o_bias * output_rows * h + shape.mlp_bias * output_rows * (2 * m + h)),
+    }
+
+
+def _prefill_layer(shape: DecoderShape, tokens: TokenCounts, mode: str) -> dict[str, int]:
+    """What the fast path of ``mode`` (``eemllm_models.modes.fast_forward``) computes for one prompt."""
+    n, t, v = tokens.total, tokens.text, tokens.visual
+    scored = {"full": n * n, "naavit": t * n + v * t, "frozen": t * n, "composite": t * n}[mode]
+    return _decoder_layer(shape, kv_rows=n, query_rows=n if mode in ("full", "naavit") else t,
+                          output_rows=t if mode == "frozen" else n, scored=scored,
+                          self_scored=v if mode == "naavit" else 0)
+
+
+def _parts_of(config: PretrainedConfig) -> tuple[str, ...]:
+    return PARTS if getattr(config, "vision_config", None) is not None else ("decoder", "lm_head")
+
+
+def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCounts, decode_tokens: int = 0,
+               logits_to_keep: int = 1, parts: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every FLOP a LLaVA-1.5 ``generate()`` computes for one prompt under ``plan`` (fast implementation).
+
+    ``tokens``: the prompt (its visual tokens set the number of images). ``decode_tokens``: decoding
+    forwards of one token each after the prefill (``generate(max_new_tokens=k)`` runs ``k - 1``: the
+    prefill yields the first token); decode step ``s`` attends to ``tokens.total + s`` keys, every
+    layer ``full``. ``logits_to_keep``: positions whose prefill logits are computed (1 in
+    ``generate()``, 0 for all, as in a plain forward). ``parts``: a subset of :data:`PARTS`
+    (default: all the config has; LLaVA-NeXT, OneVision and Qwen2-VL towers raise
+    ``NotImplementedError``, so pass ``("decoder", "lm_head")`` for them).
+
+    Returns a frame with one row per nonzero count: ``phase`` (``prefill``/``decode``), ``step``
+    (0 for the prefill, 1.. per decoded token), ``part`` (:data:`PARTS`), ``layer`` (index within
+    its part; -1 for work outside layers: embeddings, final norm, rotary table), ``mode`` (what the
+    decoder layer ran; ``full`` elsewhere), ``component`` (see the module docstring), ``flops``.
+    """
+    shape = DecoderShape.from_config(config)
+    plan.check_layers(shape.layers, "the config")
+    parts = _parts_of(config) if parts is None else tuple(parts)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    if decode_tokens < 0 or logits_to_keep < 0:
+        raise ValueError(f"decode_tokens and logits_to_keep must be >= 0, got {decode_tokens} and {logits_to_keep}")
+    if "decoder" in parts and config.get_text_config().model_type not in LLAMA_STYLE_DECODERS:
+        raise NotImplementedError(f"full_flops counts Llama-style decoders {LLAMA_STYLE_DECODERS}, not "
+                                  f"{config.get_text_config().model_type!r}")
+    rows: list[tuple] = []
+
+    def add(phase: str, step: int, part: str, layer: int, mode: str, counts: Mapping[str, int]) -> None:
+        rows.extend((phase, step, part, layer, mode, c, int(f)) for c, f in counts.items() if f)
+
+    if {"vision_tower", "projector"} & set(parts):
+        vision = _LlavaVision.from_config(config)
+        images, extra = divmod(tokens.visual, vision.features)
+        if extra:
+            raise ValueError(f"{tokens.visual} visual tokens are not a whole number of images of "
+                             f"{vision.features} tokens each; check the TokenCounts or the config")
+        if "vision_tower" in parts:
+            for layer, counts in vision.tower(images).items():
+                add("prefill", 0, "vision_tower", layer, "full", counts)
+        if "projector" in parts:
+            add("prefill", 0, "projector", -1, "full", vision.projector(images))
+    n, e = tokens.total, ELEMENTWISE_FLOPS
+    for step in range(decode_tokens + 1):
+        phase, new = ("prefill", n) if step == 0 else ("decode", 1)
+        if "decoder" in parts:
+            for layer, mode in enumerate(plan.modes):
+                if step == 0:
+                    add(phase, step, "decoder", layer, mode, _prefill_layer(shape, tokens, mode))
+                else:
+                    add(phase, step, "decoder", layer, "full", _decoder_layer(shape, 1, 1, 1, n + step, 0))
+            add(phase, step, "decoder", -1, "full", {"rotary": e["rotary_table"] * new * shape.head_dim,
+                                                     "norm": e["rms_norm"] * new * shape.hidden})
+        if "lm_head" in parts:
+            kept = new if step or logits_to_keep == 0 else min(logits_to_keep, n)
+            add(phase, step, "lm_head", -1, "full", {"lm_head": 2 * kept * shape.hidden * shape.vocab})
+    return pd.DataFrame(rows, columns=["phase", "step", "part", "layer", "mode", "component", "flops"])
+
+
+def matmul_flops(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a :func:`full_flops` frame that are matrix products (:data:`MATMUL_COMPONENTS`):
+    what ``FlopCounterMode`` counts, so the two compare like for like."""
+    return frame[frame.component.isin(MATMUL_COMPONENTS)].reset_index(drop=True)
+
+
+# Cross-check against torch's FlopCounterMode.
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts CPU ``sdpa`` (torch 2.13 has no formula for
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` and would count its attention as 0)."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+
+
+_PART_PATHS = {"vision_tower": "model.vision_tower", "projector": "model.multi_modal_projector",
+               "decoder": "model.language_model", "lm_head": "lm_head"}
+_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)$")
+_LAYER_CHILD = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn\.(?:q|k|v|o|out)_proj|mlp)$")
+_CHILD_COMPONENT = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "kv_proj", "self_attn.v_proj": "kv_proj",
+                    "self_attn.o_proj": "o_proj", "self_attn.out_proj": "o_proj", "mlp": "mlp"}
+_REST_COMPONENT = {"vision_tower": "patch_embed", "projector": "other", "decoder": "other", "lm_head": "lm_head"}
+
+
+def _module_names(model: PreTrainedModel, path: str) -> list[str]:
+    """The names ``FlopCounterMode`` may give the submodule at ``path``: under each ancestor it was
+    called from (``LlavaForConditionalGeneration.model.vision_tower``, ..., ``CLIPVisionModel``)."""
+    names, module, segments = [], model, path.split(".")
+    for i in range(len(segments) + 1):
+        names.append(".".join([type(module).__name__, *segments[i:]]))
+        if i < len(segments):
+            module = getattr(module, segments[i])
+    return names
+
+
+def counted_flops(counter: FlopCounterMode, model: PreTrainedModel) -> pd.DataFrame:
+    """What ``counter`` counted in ``model``'s parts, on the footing of :func:`matmul_flops`.
+
+    Columns ``part, layer, component, flops``. Per layer, ``q_proj``/``kv_proj``/``o_proj``/``mlp``
+    are the counts of those submodules and ``attention`` the rest of the layer (the fast paths
+    compute attention in the layer itself); outside layers: ``patch_embed`` (tower), ``linear_1``,
+    ``linear_2`` (projector), ``lm_head``, and ``other`` for anything else counted.
+    """
+    totals: dict[str, dict[str, int]] = {part: defaultdict(int) for part in PARTS}
+    prefixes = [(name, part) for part, path in _PART_PATHS.items() if _has_path(model, path)
+                for name in _module_names(model, path)]
+    for key, ops in counter.get_flop_counts().items():
+        for name, part in prefixes:
+            if key == name or key.startswith(name + "."):
+                totals[part][key[len(name) + 1:]] += sum(ops.values())
+                break
+    rows = []
+    for part, by_name in totals.items():
+        if not by_name:
+            continue
+        layers: dict[int, int] = defaultdict(int)
+        children: dict[tuple[int, str], int] = defaultdict(int)
+        for name, flops in by_name.items():
+            if layer := _LAYER.match(name):
+                layers[int(layer[1])] += flops
+            elif child := _LAYER_CHILD.match(name):
+                children[int(child[1]), _CHILD_COMPONENT[child[2]]] += flops
+        top = {c: by_name.get(c, 0) for c in ("linear_1", "linear_2")} if part == "projector" else {}
+        top[_REST_COMPONENT[part]] = by_name.get("", 0) - sum(layers.values()) - sum(top.values())
+        rows += [(part, -1, c, f) for c, f in top.items()]
+        for layer, total in sorted(layers.items()):
+            parts_of_layer = {c: f for (i, c), f in children.items() if i == layer}
+            parts_of_layer["attention"] = total - sum(parts_of_layer.values())
+            rows += [(part, layer, c, f) for c, f in parts_of_layer.items()]
+    frame = pd.DataFrame(rows, columns=["part", "layer", "component", "flops"])
+    return frame[frame.flops != 0].reset_index(drop=True)
+
+
+def _has_path(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def cross_check(model: PreTrainedModel, plan: EfficiencyPlan, batch: Mapping[str, torch.Tensor],
+                max_new_tokens: int = 2) -> pd.DataFrame:
+    """Count ``model.generate(**batch, max_new_tokens=...)`` under ``plan`` (fast implementation) with
+    :func:`flop_counter` and set it beside the analytic :func:`matmul_flops` of :func:`full_flops`.
+
+    ``batch``: one prompt without padding (``input_ids`` ``[1, seq]``, ``pixel_values``, ...).
+    Returns columns ``part, layer, component, analytic, counted, ratio`` (counted / analytic),
+    prefill and decode summed. Attention must be ``eager`` or ``sdpa`` (on CPU or GPU).
+    """
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if input_ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
+        raise ValueError(f"cross_check counts one prompt without padding; got input_ids of shape "
+                         f"{tuple(input_ids.shape)}{'' if mask is None else ' with padding'}")
+    tokens = TokenCounts.from_layout(token_layout(model, input_ids))
+    with plan.applied(model), torch.no_grad(), flop_counter() as counter:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False)
+    decoded = out.shape[1] - input_ids.shape[1]
+    analytic = matmul_flops(full_flops(model.config, plan, tokens, decode_tokens=decoded - 1))
+    keys = ["part", "layer", "component"]
+    merged = (analytic.groupby(keys, as_index=False).flops.sum().rename(columns={"flops": "analytic"})
+              .merge(counted_flops(counter, model).rename(columns={"flops": "counted"}), on=keys, how="outer")
+              .fillna({"analytic": 0, "counted": 0}))
+    merged["ratio"] = merged.counted / merged.analytic
+    return merged
 
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"

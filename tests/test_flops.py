@@ -1,8 +1,24 @@
 import pytest
+import torch
+from tiny_models import CLIP, IMAGE_TOKEN, TEXT, llava_batch, tiny_llava
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from analyses.cli import main
-from analyses.flops import load_config, shortv_convention_flops
-from eemllm_models import EfficiencyPlan
+from analyses.flops import (
+    COMPONENTS,
+    MATMUL_COMPONENTS,
+    DecoderShape,
+    TokenCounts,
+    counted_flops,
+    cross_check,
+    flop_counter,
+    full_flops,
+    layer_flops,
+    load_config,
+    matmul_flops,
+    shortv_convention_flops,
+)
+from eemllm_models import EfficiencyPlan, build_prompt, load_shapes_vqa, token_layout
 
 # ShortV (arXiv 2504.00502) Table 1, TFLOPs: original and under the published frozen layers.
 TABLE_1 = {"llava-1.5-7b": (8.5, 4.7), "llava-1.5-13b": (16.6, 9.1)}
@@ -34,3 +50,107 @@ def test_convention_refuses_other_modes_and_unknown_models():
         shortv_convention_flops(config, EfficiencyPlan.uniform(32, "naavit"))
     with pytest.raises(ValueError, match="not one of the shipped ones"):
         load_config("no-such-model-here")
+
+
+
+# The full count, checked against torch's FlopCounterMode on real generate() calls.
+
+PLANS = {
+    "empty": ["full"] * 4,
+    "frozen": ["frozen"] * 4,
+    "naavit": ["naavit"] * 4,
+    "composite": ["composite"] * 4,
+    "mixed": ["full", "frozen", "naavit", "composite"],
+}
+
+
+def _assert_within_1_percent(check):
+    assert len(check) > 0
+    off = check[(check.ratio - 1).abs() > 0.01]
+    assert off.empty, f"analytic and FlopCounterMode counts differ:\n{off}"
+
+
+@pytest.mark.parametrize(("plan", "attn"), [(plan, "sdpa") for plan in PLANS] + [("mixed", "eager")])
+def test_full_count_matches_flop_counter_in_every_mode(plan, attn):
+    model = tiny_llava(attn=attn)
+    check = cross_check(model, EfficiencyPlan(PLANS[plan]), llava_batch(model, 1, images=2), max_new_tokens=3)
+    _assert_within_1_percent(check)
+    assert set(check.part) == {"vision_tower", "projector", "decoder", "lm_head"}
+    assert {"q_proj", "kv_proj", "o_proj", "attention", "mlp"} <= set(check.component)
+
+
+def test_plain_forward_counts_every_logit_and_every_tower_layer():
+    # three tower layers, features taken from the second to last (as LLaVA-1.5), with the CLS token
+    torch.manual_seed(0)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**{**CLIP, "num_hidden_layers": 3}),
+                         text_config=LlamaConfig(**TEXT), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                         vision_feature_select_strategy="full", image_seq_length=17)
+    model = LlavaForConditionalGeneration(config).eval()
+    batch = llava_batch(model, 1, images=1)
+    ids = batch["input_ids"]
+    at = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
+    batch["input_ids"] = torch.cat([ids[:, :at], torch.full((1, 1), IMAGE_TOKEN), ids[:, at:]], dim=1)
+    del batch["attention_mask"]
+    plan = EfficiencyPlan(PLANS["mixed"])
+    tokens = TokenCounts.from_layout(token_layout(model, batch["input_ids"]))
+    assert tokens.visual == 17
+    with plan.applied(model), torch.no_grad(), flop_counter() as counter:
+        model(**batch)
+    analytic = matmul_flops(full_flops(config, plan, tokens, logits_to_keep=0))
+    keys = ["part", "layer", "component"]
+    merged = analytic[keys + ["flops"]].merge(counted_flops(counter, model), on=keys, how="outer",
+                                              suffixes=("_analytic", "_counted")).fillna(0)
+    assert (merged.flops_analytic == merged.flops_counted).all(), merged
+    assert sorted(analytic[analytic.part == "vision_tower"].layer.unique()) == [-1, 0, 1, 2]
+    lm_head = analytic[analytic.component == "lm_head"].flops.sum()
+    assert lm_head == 2 * tokens.total * TEXT["hidden_size"] * TEXT["vocab_size"]
+
+
+def test_full_count_decoder_projections_agree_with_the_shortv_style_count():
+    config = load_config("llava-1.5-7b")
+    tokens = TokenCounts.for_images(config, images=1, text_before=35, text_after=29)
+    assert tokens.visual == 576
+    shape = DecoderShape.from_config(config)
+    for mode in ("full", "frozen", "composite"):
+        frame = full_flops(config, EfficiencyPlan.uniform(32, mode), tokens)
+        layer0 = frame[(frame.part == "decoder") & (frame.layer == 0)].set_index("component").flops
+        assert {c: layer0[c] for c in COMPONENTS} == layer_flops(shape, tokens, mode)
+
+
+def test_full_count_layout_and_decode_steps():
+    config = load_config("llava-1.5-7b")
+    tokens = TokenCounts.for_images(config, images=2, text_before=10, text_after=54)
+    frame = full_flops(config, EfficiencyPlan.preset("shortv:llava-1.5-7b"), tokens, decode_tokens=3)
+    assert list(frame.columns) == ["phase", "step", "part", "layer", "mode", "component", "flops"]
+    assert set(frame.step) == {0, 1, 2, 3} and set(frame[frame.phase == "decode"]["mode"]) == {"full"}
+    assert set(frame[(frame.part == "decoder") & (frame.phase == "prefill") & (frame.layer >= 0)]["mode"]) == {
+        "full", "frozen"}
+    attention = frame[(frame.component == "attention") & (frame.part == "decoder")].groupby("step").flops.sum()
+    # each decoded token attends to one more key: 4 * heads * head_dim * 32 layers more per step
+    assert (attention.loc[[2, 3]].to_numpy() - attention.loc[[1, 2]].to_numpy() == 4 * 4096 * 32).all()
+    tower = frame[frame.part == "vision_tower"]
+    assert tower.layer.max() == 23  # vision_feature_layer -2: the last tower layer still runs
+    one_image = full_flops(config, EfficiencyPlan.empty(32), TokenCounts.for_images(config, 1, 10, 54))
+    assert tower.flops.sum() == 2 * one_image[one_image.part == "vision_tower"].flops.sum()
+    assert set(matmul_flops(frame).component) <= MATMUL_COMPONENTS
+    assert {"norm", "rotary", "softmax", "activation"} <= set(frame.component) - MATMUL_COMPONENTS
+
+
+def test_full_count_refuses_towers_it_cannot_count():
+    config = load_config("llava-next-7b")
+    tokens = TokenCounts(35, 2880, 29)
+    with pytest.raises(NotImplementedError, match="anyres tiling"):
+        full_flops(config, EfficiencyPlan.empty(32), tokens)
+    decoder = full_flops(config, EfficiencyPlan.empty(32), tokens, parts=("decoder", "lm_head"))
+    assert set(decoder.part) == {"decoder", "lm_head"}
+    with pytest.raises(ValueError, match="not a whole number of images"):
+        full_flops(load_config("llava-1.5-7b"), EfficiencyPlan.empty(32), TokenCounts(35, 500, 29))
+
+
+@pytest.mark.slow
+def test_full_count_matches_flop_counter_on_the_shipped_model(default_model):
+    model, processor = default_model
+    row = load_shapes_vqa("test", n=1)[0]
+    batch = processor(images=[row["image"]], text=[build_prompt(processor, row["question"])], return_tensors="pt")
+    plan = EfficiencyPlan(["full", "frozen", "naavit", "composite"] * (model.config.text_config.num_hidden_layers // 4))
+    _assert_within_1_percent(cross_check(model, plan, dict(batch), max_new_tokens=3))

@@ -1,0 +1,279 @@
+"""Prefill time, decode speed and peak memory of a model with and without plans, measured side by side.
+
+What is timed, for every variant (the original model, or the model with a plan applied):
+
+* **prefill**: the first step of ``generate()``: one forward over the whole prompt (vision
+  tower and projector included) that fills a fresh ``DynamicCache`` and returns the logits of
+  the last position only (``logits_to_keep=1``). Inputs go through the model's own
+  ``prepare_inputs_for_generation`` and carry ``generate()``'s position ids (from the padding mask).
+* **decode**: the ``new_tokens - 1`` further greedy steps with that cache, each one forward of
+  one token per sequence, plus the argmax and the mask / position bookkeeping that ``generate()``
+  does between steps. End-of-sequence is suppressed, as ``generate(min_new_tokens=new_tokens)``
+  does, so every step runs; :func:`greedy_decode` runs the same loop untimed and returns
+  the tokens, which equal ``generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens)``'s.
+  Decode speed is ``prompts * (new_tokens - 1)`` tokens over the summed decode seconds of all batches.
+
+Prefill and decode are timed in the same pass (the decode continues from the timed prefill's
+cache), with ``time.perf_counter`` on CPU and synchronised ``torch.cuda.Event`` pairs on CUDA
+(no host synchronisation inside the loop). Every variant gets the same encoded batches; within
+each warm-up round and repeat the variants run one after the other (original, planned,
+original, planned, ...) so that slow drift of a shared machine hits all of them alike.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` over a run (reset before each run; weights
+included). On CPU it is NaN: torch keeps no allocator statistics for CPU memory, and the
+process's resident size cannot be reset between variants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
+
+from eemllm_models import EfficiencyPlan, build_prompt
+from eemllm_models.apply import applied_plan
+from eemllm_models.machine import describe
+from eemllm_models.plan import n_decoder_layers
+
+SUMMARY_COLUMNS = ("variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens_per_s_iqr",
+                   "peak_memory_mb", "prefill_speedup", "decode_speedup", "repeats", "batch", "prompt_tokens",
+                   "new_tokens", "device", "dtype")
+RAW_COLUMNS = ("variant", "repeat", "prefill_ms", "decode_ms", "decode_tokens_per_s", "peak_memory_mb")
+_MIB = 2**20
+
+
+class _Clock:
+    """Marks on the host clock (CPU) or CUDA events on the current stream (GPU), read after a sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
+def _eos_ids(model: PreTrainedModel) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+
+
+def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_tokens: int,
+            clock: _Clock) -> tuple[torch.Tensor, float, float]:
+    """Tokens ``[batch, new_tokens]``, prefill seconds and decode seconds."""
+    input_ids = inputs["input_ids"]
+    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    mask = kwargs.get("attention_mask")
+    if "position_ids" not in kwargs and "position_ids" in inspect.signature(model.forward).parameters:
+        if mask is not None:  # what generate() does (_prepare_position_ids_for_generation)
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    kwargs.update(past_key_values=DynamicCache(config=model.config.get_text_config(decoder=True)),
+                  use_cache=True, logits_to_keep=1)
+    eos = _eos_ids(model)
+    if clock.cuda:
+        torch.cuda.synchronize()
+    start = clock.mark()
+    step_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **kwargs)
+    logits = model(**step_inputs, return_dict=True).logits
+    prefilled = clock.mark()
+    generated = []
+    for step in range(new_tokens):
+        scores = logits[:, -1].float()
+        if eos:
+            scores[:, eos] = -math.inf
+        token = scores.argmax(-1)
+        generated.append(token)
+        if step == new_tokens - 1:
+            break
+        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+        if (mask := kwargs.get("attention_mask")) is not None:
+            kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if (positions := kwargs.get("position_ids")) is not None:
+            kwargs["position_ids"] = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+        if (types := kwargs.get("mm_token_type_ids")) is not None:
+            kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros((types.shape[0], 1))], dim=-1)
+        if (types := kwargs.get("token_type_ids")) is not None:
+            kwargs["token_type_ids"] = torch.cat([types, types[:, -1:]], dim=-1)
+        step_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1,
+                                                          is_first_iteration=False, **kwargs)
+        logits = model(**step_inputs, return_dict=True).logits
+    done = clock.mark()
+    return torch.stack(generated, dim=1), clock.seconds(start, prefilled), clock.seconds(prefilled, done)
+
+
+@torch.inference_mode()
+def greedy_decode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_tokens: int = 16) -> torch.Tensor:
+    """The loop that :func:`measure_latency` times, untimed: greedy tokens ``[batch, new_tokens]``.
+
+    ``inputs`` is a processor batch on the model's device (``input_ids`` ``[batch, seq]``, its
+    ``attention_mask``, pixel inputs). End-of-sequence is suppressed, so the result equals
+    ``generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)``
+    without the prompt (for a generation config with no other logits processors, such as a
+    repetition penalty).
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    return _greedy(model, inputs, new_tokens, _Clock(model.device))[0]
+
+
+def _encode(model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image],
+            questions: Sequence[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [build_prompt(processor, q) for q in questions[start:start + batch_size]]
+        batch = processor(images=list(images[start:start + batch_size]), text=prompts, return_tensors="pt",
+                          padding=True, padding_side="left").to(model.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        batches.append(dict(batch))
+    return batches
+
+
+def _check(model, images, questions, plans, new_tokens, warmup, repeats, batch_size) -> None:
+    if not plans:
+        raise ValueError("no variants to time; pass plans={'original': None, 'planned': plan}")
+    for name, plan in plans.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"variant names must be non-empty strings, got {name!r}")
+        if plan is not None and not isinstance(plan, EfficiencyPlan):
+            raise ValueError(f"variant {name!r} is a {type(plan).__name__}; pass an EfficiencyPlan, "
+                             "or None for the original model")
+        if plan is not None:
+            plan.check_layers(n_decoder_layers(model), type(model).__name__)
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions; pass one image per question")
+    if not questions:
+        raise ValueError("no questions to time; pass at least one image and question")
+    for label, value, least in (("new_tokens", new_tokens, 2), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if value < least:
+            raise ValueError(f"{label} must be at least {least}, got {value}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (or None for one batch), got {batch_size}")
+    if applied_plan(model) is not None:
+        raise ValueError("a plan is already applied to this model, so it is not the original; "
+                         "remove it first (handle.remove()) and pass it in plans instead")
+    if model.training:
+        raise ValueError("the model is in training mode (dropout on); call model.eval() first")
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    plans: Mapping[str, EfficiencyPlan | None],
+    new_tokens: int = 16,
+    warmup: int = 2,
+    repeats: int = 5,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Median prefill time, decode speed and peak memory of each variant, with ratios to the first.
+
+    ``plans`` maps a variant name to an :class:`EfficiencyPlan` applied for its runs (``None``:
+    the model as it is). The prompts (one per ``questions[i]`` about ``images[i]``) are encoded
+    once, left-padded, in batches of ``batch_size`` (``None``: one batch). A run of a variant
+    prefills and decodes every batch (see the module docstring for what is timed); ``warmup``
+    untimed rounds, then ``repeats`` timed ones, each round running every variant in turn.
+
+    Returns one row per variant, in ``plans`` order, with columns:
+
+    * ``variant``; ``prefill_ms`` and ``prefill_ms_iqr``: median and interquartile range over the
+      repeats of the time to prefill all batches;
+    * ``decode_tokens_per_s`` and ``decode_tokens_per_s_iqr``: the same for decode throughput,
+      ``prompts * (new_tokens - 1)`` tokens over the summed decode time of all batches;
+    * ``peak_memory_mb``: the largest ``torch.cuda.max_memory_allocated`` of its runs, in MiB
+      (NaN on CPU);
+    * ``prefill_speedup`` and ``decode_speedup``: the median over repeats of the paired ratio to
+      the first variant's run of the same repeat (its prefill time / this one's; this one's
+      tokens/s / its), so the first variant has 1.0. Pairing runs made side by side cancels the
+      machine's drift between repeats, which a ratio of medians would keep;
+    * ``repeats``, ``batch`` (sequences per forward), ``prompt_tokens`` (padded prompt length of
+      the longest batch, visual tokens included), ``new_tokens``, ``device``, ``dtype``.
+
+    ``frame.attrs`` holds ``warmup``, ``prompts``, ``machine`` (:func:`eemllm_models.machine.describe`)
+    and ``raw``, the per-repeat measurements as a dict of lists: ``pd.DataFrame(frame.attrs["raw"])``
+    has columns ``variant``, ``repeat``, ``prefill_ms``, ``decode_ms``, ``decode_tokens_per_s``,
+    ``peak_memory_mb`` (a dict, not a frame, so that ``pd.concat`` of results keeps working).
+    """
+    _check(model, images, questions, plans, new_tokens, warmup, repeats, batch_size)
+    batch_size = len(questions) if batch_size is None else batch_size
+    batches = _encode(model, processor, images, questions, batch_size)
+    device = model.device
+    clock = _Clock(device)
+    rows = []
+    bar = tqdm(total=(warmup + repeats) * len(plans), desc="latency", unit="run", disable=not progress)
+    with torch.cuda.device(device) if clock.cuda else contextlib.nullcontext():
+        for round_ in range(warmup + repeats):
+            for name, plan in plans.items():
+                if clock.cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                handle = plan.applied(model) if plan is not None else None
+                try:
+                    times = [_greedy(model, batch, new_tokens, clock)[1:] for batch in batches]
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                peak = torch.cuda.max_memory_allocated() / _MIB if clock.cuda else math.nan
+                bar.update()
+                if round_ < warmup:
+                    continue
+                prefill, decode = (sum(t[i] for t in times) for i in (0, 1))
+                rows.append({"variant": name, "repeat": round_ - warmup, "prefill_ms": 1000 * prefill,
+                             "decode_ms": 1000 * decode,
+                             "decode_tokens_per_s": len(questions) * (new_tokens - 1) / decode,
+                             "peak_memory_mb": peak})
+    bar.close()
+    raw = pd.DataFrame(rows, columns=list(RAW_COLUMNS))
+    summary = _summarize(raw, list(plans))
+    summary["repeats"] = repeats
+    summary["batch"] = batch_size
+    summary["prompt_tokens"] = max(b["input_ids"].shape[1] for b in batches)
+    summary["new_tokens"] = new_tokens
+    summary["device"] = str(device)
+    summary["dtype"] = str(model.dtype).removeprefix("torch.")
+    summary.attrs.update(warmup=warmup, prompts=len(questions), machine=describe(),
+                         raw=raw.to_dict(orient="list"))
+    return summary[list(SUMMARY_COLUMNS)]
+
+
+def _iqr(values: pd.Series) -> float:
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(q3 - q1)
+
+
+def _summarize(raw: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    grouped = raw.groupby("variant", sort=False)
+    summary = pd.DataFrame({
+        "prefill_ms": grouped["prefill_ms"].median(),
+        "prefill_ms_iqr": grouped["prefill_ms"].agg(_iqr),
+        "decode_tokens_per_s": grouped["decode_tokens_per_s"].median(),
+        "decode_tokens_per_s_iqr": grouped["decode_tokens_per_s"].agg(_iqr),
+        "peak_memory_mb": grouped["peak_memory_mb"].max(),
+    }).loc[order]
+    prefill = raw.pivot(index="repeat", columns="variant", values="prefill_ms")
+    decode = raw.pivot(index="repeat", columns="variant", values="decode_tokens_per_s")
+    summary["prefill_speedup"] = prefill.rdiv(prefill[order[0]], axis=0).median()
+    summary["decode_speedup"] = decode.div(decode[order[0]], axis=0).median()
+    return summary.rename_axis("variant").reset_index()
