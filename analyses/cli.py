@@ -143,17 +143,70 @@ def _compare(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     from eemllm_models import EfficiencyPlan
 
-    from .flops import load_config, shortv_convention_flops
+    from .flops import load_config
 
     config = load_config(args.model)
     n_layers = config.get_text_config().num_hidden_layers
     plan = _plan_for(n_layers, args.plan)
-    original = shortv_convention_flops(config, EfficiencyPlan.empty(n_layers), args.text_tokens, args.visual_tokens)
+    (_shortv_flops if args.convention == "shortv" else _full_flops)(args, config, plan, EfficiencyPlan.empty(n_layers))
+    return 0
+
+
+def _shortv_flops(args: argparse.Namespace, config, plan, original_plan) -> None:
+    from .flops import shortv_convention_flops
+
+    original = shortv_convention_flops(config, original_plan, args.text_tokens, args.visual_tokens)
     planned = shortv_convention_flops(config, plan, args.text_tokens, args.visual_tokens)
     print(f"{args.model}, plan {args.plan or 'none'} ({len(plan.layers('frozen'))} frozen layers), "
           "ShortV convention (attention + MLP):")
     print(f"  original {original / 1e12:.1f} TFLOPs, planned {planned / 1e12:.1f} TFLOPs "
           f"({planned / original:.0%}), FLOPs-ideal speedup {original / planned:.2f}x")
+
+
+def _full_flops(args: argparse.Namespace, config, plan, original_plan) -> None:
+    import pandas as pd
+
+    from .flops import PARTS, TokenCounts, full_flops, visual_tokens_per_image
+
+    try:
+        visual = args.visual_tokens or args.images * visual_tokens_per_image(config)
+        parts = PARTS
+        full_flops(config, original_plan, TokenCounts(0, visual, args.text_tokens))
+    except NotImplementedError as err:
+        if args.visual_tokens is None:
+            raise ValueError(f"{err}; give --visual-tokens to count the language model alone") from err
+        parts = ("decoder", "lm_head")
+        print(f"note: {err}; counting the language model only")
+    tokens = TokenCounts(0, visual, args.text_tokens)
+    rows = {}
+    for name, chosen in (("original", original_plan), ("planned", plan)):
+        frame = full_flops(config, chosen, tokens, decode_tokens=1, parts=parts)
+        rows[name] = frame.assign(where=frame.phase + " " + frame.part).groupby("where", sort=False).flops.sum()
+    table = pd.DataFrame(rows) / 1e12
+    table.loc["prefill total"] = table.filter(like="prefill", axis=0).sum()
+    table["planned / original"] = table.planned / table.original
+    print(f"{args.model}, plan {args.plan or 'none'}, {visual} visual + {args.text_tokens} text tokens, "
+          "full count (TFLOPs; decode: one token):")
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from eemllm_models import load_shapes_vqa
+    from eemllm_models.files import atomic_write
+
+    from .latency import measure_latency
+
+    model, processor = _load(args)
+    plan = _plan_for(model, args.plan)
+    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    frame = measure_latency(model, processor, data["image"], data["question"], {"original": None, "planned": plan},
+                            new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
+                            batch_size=args.batch_size)
+    path = atomic_write(args.out / "latency.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    print(frame[["variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "prefill_speedup",
+                 "decode_speedup", "peak_memory_mb"]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"{frame.device.iloc[0]}, {frame.dtype.iloc[0]}, batch {frame.batch.iloc[0]}, "
+          f"{frame.repeats.iloc[0]} repeats; wrote {path}")
     return 0
 
 
@@ -316,12 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     flops = commands.add_parser("flops", help="prefill FLOPs of a model under a plan (offline for the paper models)")
     flops.add_argument("--model", required=True,
-                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, or a config path / hub id")
+                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, default, or a config path / "
+                            "hub id")
     flops.add_argument("--plan", default=None, help="a preset (shortv:llava-1.5-7b, ...) or a plan JSON file")
+    flops.add_argument("--convention", default="shortv", choices=("shortv", "full"),
+                       help="shortv: the paper's attention + MLP count (default); full: every part of a generate() "
+                            "call, prefill and per decoded token")
     flops.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt (default 64, as ShortV)")
     flops.add_argument("--visual-tokens", type=int, default=None,
-                       help="visual tokens per prompt (default: the paper's 576 or 2880)")
+                       help="visual tokens per prompt (default: the paper's 576 or 2880; full: --images x the "
+                            "tower's tokens per image)")
+    flops.add_argument("--images", type=int, default=1, help="full convention: images per prompt (default 1)")
     flops.set_defaults(run=_flops)
+
+    latency = commands.add_parser("latency", parents=[loading],
+                                  help="measure prefill time and decode tokens/s of the original and the planned model")
+    latency.add_argument("--plan", required=True, help="a preset or a plan JSON file")
+    latency.add_argument("--samples", type=int, default=8, help="shapes-vqa prompts per batch run (default 8)")
+    latency.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: all of them)")
+    latency.add_argument("--new-tokens", type=int, default=16, help="greedy tokens decoded per prompt (default 16)")
+    latency.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    latency.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    latency.add_argument("--split", default="test", help="shapes-vqa split (default test)")
+    latency.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+    latency.add_argument("--out", type=Path, required=True, help="directory for latency.csv")
+    latency.set_defaults(run=_latency)
 
     evaluate = commands.add_parser("evaluate", parents=[loading],
                                    help="answer a benchmark's questions (under a plan) and score them")

@@ -152,3 +152,11 @@ def test_commands_load_a_pruned_model_with_its_plan(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "p"), "--samples", "3", "--out", str(tmp_path / "e")]) == 0
     saved = json.loads((tmp_path / "e" / "scores.json").read_text())
     assert saved["plan"]["modes"][10:] == ["frozen", "frozen"]
+
+
+def test_latency_command_measures_original_and_planned(tmp_path, capsys):
+    assert main(["latency", "--plan", str(_frozen_plan(tmp_path)), "--samples", "2", "--new-tokens", "2",
+                 "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "l")]) == 0
+    frame = pd.read_csv(tmp_path / "l" / "latency.csv")
+    assert list(frame.variant) == ["original", "planned"] and frame.prefill_speedup[0] == 1
+    assert "prefill_speedup" in capsys.readouterr().out

@@ -154,3 +154,13 @@ def test_full_count_matches_flop_counter_on_the_shipped_model(default_model):
     batch = processor(images=[row["image"]], text=[build_prompt(processor, row["question"])], return_tensors="pt")
     plan = EfficiencyPlan(["full", "frozen", "naavit", "composite"] * (model.config.text_config.num_hidden_layers // 4))
     _assert_within_1_percent(cross_check(model, plan, dict(batch), max_new_tokens=3))
+
+
+def test_flops_command_full_count(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--plan", "shortv:llava-1.5-7b", "--convention", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill vision_tower" in out and "decode decoder" in out and "0.552" in out
+    assert main(["flops", "--model", "llava-next-7b", "--convention", "full"]) == 2
+    assert "give --visual-tokens" in capsys.readouterr().err
+    assert main(["flops", "--model", "llava-next-7b", "--convention", "full", "--visual-tokens", "2880"]) == 0
+    assert "counting the language model only" in capsys.readouterr().out
