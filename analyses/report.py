@@ -1,0 +1,731 @@
+"""The redundancy report: one folder a person opens.
+
+``write_report(inputs, out)`` writes ``out/``:
+
+* ``index.html``: self-contained (figures embedded as data URIs, inline CSS, no scripts, no network);
+* ``report.md``: its Markdown twin, pointing at ``figures/*.png``;
+* ``figures/``: seaborn PNGs (Layer Contribution, plan strip, accuracy vs FLOPs, mode contributions,
+  attention statistics);
+* the data: ``lc.nc`` (and ``attention.nc``, ``mode_contribution.nc``), ``plan.json``,
+  ``comparison.csv``, ``latency.csv``, ``answers.csv`` where given, and ``summary.json`` with
+  the headline figures and the verdicts of the checked claims.
+
+The folder is built next to ``out`` and renamed into place, so a crash never leaves half a report.
+Text from data sets and attrs is escaped in both the HTML and the Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+import probes
+from eemllm_models import EfficiencyPlan
+from eemllm_models.files import atomic_write, atomic_write_text, make_readable
+
+from . import plots
+
+PROBE_FILES = {"lc": "lc.nc", "attention": "attention.nc", "modes": "mode_contribution.nc"}
+"""Report input name -> file name (as ``eemllm probe`` writes them)."""
+PROBE_CONTENTS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "lc": ("layer_contribution", {"lc": ("sample", "layer", "group"), "cosine": ("sample", "layer", "group")}),
+    "attention": ("attention_statistics", {**{name: ("sample", "layer", "head") for name in probes.HEAD_STATISTICS},
+                                           "entropy": ("sample", "layer", "head", "query_group")}),
+    "modes": ("mode_contribution", {"contribution": ("sample", "layer", "mode")}),
+}
+"""Report input name -> (probe attr, {variable: dims}) a complete probe result has."""
+ORDER_CLAIM = "LC-chosen layers ≥ cosine-chosen ≥ random layers in accuracy at equal FLOPs"
+TEXT_CLAIM = "freezing text tokens in the same layers costs far more accuracy than freezing visual tokens"
+FAR_MORE_FACTOR = 2.0
+FAR_MORE_POINTS = 0.05
+""""Far more": the mean accuracy drop from freezing text is at least this factor times, and this many
+accuracy points (0..1) above, the mean drop from freezing visual tokens in the same layers."""
+ANSWER_ROWS = 40
+"""Per-sample answers shown in the page (all of them are in ``answers.csv``)."""
+_TIE = 1e-9
+
+
+def _regenerate(name: str) -> str:
+    return f"regenerate it with `eemllm probe --probes {name} --out DIR`"
+
+
+def check_probe_result(result: xr.Dataset, name: str, source: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``result`` is a complete ``name`` probe result (``name`` in
+    :data:`PROBE_FILES`): the right ``probe`` attr, every variable with its dims, samples, no NaN."""
+    probe, variables = PROBE_CONTENTS[name]
+    where = source or f"the {name} dataset"
+    found = result.attrs.get("probe")
+    if found != probe:
+        raise ValueError(f"{where} holds a {found or 'non-probe'!r} result, not {probe}; {_regenerate(name)}")
+    for variable, dims in variables.items():
+        if variable not in result.data_vars:
+            raise ValueError(f"{where} is incomplete: it has no {variable!r} variable (it has "
+                             f"{sorted(result.data_vars)}); {_regenerate(name)}")
+        if result[variable].dims != dims:
+            raise ValueError(f"{where} is incomplete: {variable!r} has dims {result[variable].dims}, expected "
+                             f"{dims}; {_regenerate(name)}")
+        if np.isnan(result[variable].values).any():
+            raise ValueError(f"{where} is incomplete: {variable!r} holds NaN values; {_regenerate(name)}")
+    if result.sizes["sample"] == 0:
+        raise ValueError(f"{where} holds no samples; {_regenerate(name)}")
+    if name == "lc" and not {"visual", "text"} <= {str(g) for g in result.group.values}:
+        raise ValueError(f"{where} is incomplete: its group coordinate is {list(result.group.values)}, expected "
+                         f"visual and text; {_regenerate(name)}")
+
+
+@dataclass
+class ReportInputs:
+    """Everything a report shows; only ``lc`` and ``plan`` are required.
+
+    ``lc``/``attention``/``modes``: results of ``probes.layer_contribution`` / ``attention_statistics`` /
+    ``mode_contribution``. ``comparison``: one row per measured plan, columns ``policy``, ``k``,
+    ``flops_ratio``, ``accuracy`` (``analyses.compare.compare_policies``; an ``original`` row at k 0,
+    and a ``text`` policy for the frozen-text control). ``latency``: one row per ``variant`` with
+    ``prefill_ms``, ``prefill_speedup``, ... (every column present is shown). ``scores``:
+    ``{"original": scores, "pruned": scores}`` of ``analyses.evaluate.scores``. ``answers``:
+    per-sample outputs (``id``, ``qtype``, ``question``, ``answer``, ``prediction``,
+    ``pruned_prediction``, ...). ``flops``: headline FLOPs figures (``decoder_flops_ratio``, ...).
+    ``pruned_model``: the saved pruned model's folder. ``sources``: input name -> file it was read from.
+    """
+
+    lc: xr.Dataset
+    plan: EfficiencyPlan
+    attention: xr.Dataset | None = None
+    modes: xr.Dataset | None = None
+    comparison: pd.DataFrame | None = None
+    latency: pd.DataFrame | None = None
+    scores: Mapping[str, Mapping[str, float]] | None = None
+    answers: pd.DataFrame | None = None
+    flops: Mapping[str, float] | None = None
+    pruned_model: Path | None = None
+    title: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in PROBE_FILES:
+            result = getattr(self, name)
+            if result is not None:
+                check_probe_result(result, name, self.sources.get(name))
+        n_layers = self.lc.sizes["layer"]
+        self.plan.check_layers(n_layers, f"the Layer Contribution result ({self.lc.attrs.get('model', '?')})")
+        for name in ("attention", "modes"):
+            result = getattr(self, name)
+            if result is not None and (result.sizes["layer"], result.attrs.get("model")) != (
+                    n_layers, self.lc.attrs.get("model")):
+                raise ValueError(f"the {name} result was measured on {result.attrs.get('model')!r} "
+                                 f"({result.sizes['layer']} layers), the Layer Contribution on "
+                                 f"{self.lc.attrs.get('model')!r} ({n_layers} layers); probe one model")
+        if self.comparison is not None:
+            missing = {"policy", "k", "flops_ratio", "accuracy"} - set(self.comparison.columns)
+            if missing:
+                raise ValueError(f"the comparison frame lacks columns {sorted(missing)}; make it with "
+                                 "analyses.compare.compare_policies")
+        if self.scores is not None and not {"original", "pruned"} <= set(self.scores):
+            raise ValueError(f"scores need 'original' and 'pruned' entries (analyses.evaluate.scores of each, e.g. "
+                             f'scores.json as {{"original": {{...}}, "pruned": {{...}}}}); got {sorted(self.scores)}')
+        if self.pruned_model is not None:
+            self.pruned_model = Path(self.pruned_model)
+
+
+# ----------------------------------------------------------------------------- reading inputs
+
+def _open_probe(path: Path, name: str) -> xr.Dataset:
+    probe = PROBE_CONTENTS[name][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} ({probe}) at {path}; make it with "
+                                f"`eemllm probe --probes {name} --out {path.parent}`")
+    try:
+        result = probes.open_result(path, probe=probe)
+    except probes.ResultMismatch:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable probe result (half-written or corrupt: {err}); "
+                         f"{_regenerate(name)}") from err
+    check_probe_result(result, name, str(path))
+    return result
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); write it again") from err
+
+
+def load_report_inputs(
+    folder: str | os.PathLike,
+    plan: str | os.PathLike | None = None,
+    comparison: str | os.PathLike | None = None,
+    latency: str | os.PathLike | None = None,
+    scores: str | os.PathLike | None = None,
+    answers: str | os.PathLike | None = None,
+    flops: str | os.PathLike | None = None,
+    pruned_model: str | os.PathLike | None = None,
+) -> ReportInputs:
+    """Read a report's inputs from ``folder`` (what ``eemllm probe``/``demo`` write), paths overriding.
+
+    ``folder`` must hold ``lc.nc``; ``attention.nc`` and ``mode_contribution.nc`` are used when
+    present. Defaults inside ``folder``: ``plan.json``; ``comparison.csv``; ``latency.csv``;
+    ``scores.json`` (``{"original": ..., "pruned": ...}``, or ``demo_summary.json``'s accuracies);
+    ``answers.csv`` or ``demo_answers.csv``; ``flops.json`` (or ``demo_summary.json``'s
+    ``decoder_flops_ratio``); ``pruned-model/``. Raises ``FileNotFoundError``/``ValueError`` naming
+    the file and how to make it when a required file is missing or a probe file is incomplete.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no probe folder {folder}; make it with `eemllm probe --out {folder}`")
+    sources: dict[str, str] = {}
+    results: dict[str, xr.Dataset | None] = {}
+    for name, filename in PROBE_FILES.items():
+        path = folder / filename
+        results[name] = _open_probe(path, name) if name == "lc" or path.is_file() else None
+        if results[name] is not None:
+            sources[name] = str(path)
+
+    def pick(given, *names: str) -> Path | None:
+        if given is not None:
+            if not Path(given).exists():
+                raise FileNotFoundError(f"{given} does not exist; check the path")
+            return Path(given)
+        return next((folder / n for n in names if (folder / n).exists()), None)
+
+    plan_path = pick(plan, "plan.json")
+    if plan_path is None:
+        raise FileNotFoundError(f"no plan.json in {folder}; make one with `eemllm plan --lc {folder / 'lc.nc'} "
+                                "--k K --out plan.json` and pass --plan")
+    try:
+        loaded_plan = EfficiencyPlan.from_dict(_read_json(plan_path))
+    except ValueError as err:
+        raise ValueError(f"{plan_path} is not an EfficiencyPlan: {err}") from err
+    sources["plan"] = str(plan_path)
+    demo = _read_json(folder / "demo_summary.json") if (folder / "demo_summary.json").is_file() else {}
+    frames: dict[str, pd.DataFrame | None] = {}
+    for name, given, defaults, text in (("comparison", comparison, ("comparison.csv",), False),
+                                        ("latency", latency, ("latency.csv",), False),
+                                        ("answers", answers, ("answers.csv", "demo_answers.csv"), True)):
+        path = pick(given, *defaults)
+        frames[name] = None if path is None else pd.read_csv(path, keep_default_na=not text)
+        if path is not None:
+            sources[name] = str(path)
+    scores_path = pick(scores, "scores.json")
+    loaded_scores = _read_json(scores_path) if scores_path is not None else (
+        {"original": demo["accuracy"], "pruned": demo["pruned_accuracy"]} if "pruned_accuracy" in demo else None)
+    flops_path = pick(flops, "flops.json")
+    loaded_flops = _read_json(flops_path) if flops_path is not None else (
+        {"decoder_flops_ratio": demo["decoder_flops_ratio"]} if "decoder_flops_ratio" in demo else None)
+    return ReportInputs(lc=results["lc"], plan=loaded_plan, attention=results["attention"], modes=results["modes"],
+                        comparison=frames["comparison"], latency=frames["latency"], scores=loaded_scores,
+                        answers=frames["answers"], flops=loaded_flops, pruned_model=pick(pruned_model, "pruned-model"),
+                        sources=sources)
+
+
+# ----------------------------------------------------------------------------- measured claims
+
+def _policy_accuracy(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy (over seeds) and FLOPs ratio per ``[k, policy]``, policies as columns."""
+    return comparison.groupby(["k", "policy"]).agg(accuracy=("accuracy", "mean"), flops_ratio=("flops_ratio", "mean"))
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:.1f} points"
+
+
+def check_claims(comparison: pd.DataFrame | None, original_accuracy: float | None = None) -> dict[str, dict]:
+    """Verdicts of the two claims the report checks, from the measured ``comparison`` frame.
+
+    Returns ``{"policy_order": ..., "text_vs_visual": ...}``, each with ``claim``, ``verdict``
+    (``holds``, ``partly holds``, ``does not hold`` or ``not measured``), ``statement`` (one plain
+    sentence with the numbers) and ``per_k`` (records per compared ``k``). ``original_accuracy``
+    is used when the frame has no ``original`` row.
+    """
+    order = {"claim": ORDER_CLAIM, "verdict": "not measured", "per_k": []}
+    text = {"claim": TEXT_CLAIM, "verdict": "not measured", "per_k": []}
+    if comparison is None or comparison.empty:
+        order["statement"] = text["statement"] = "No policy comparison was given."
+        return {"policy_order": order, "text_vs_visual": text}
+    table = _policy_accuracy(comparison)
+    accuracy = table.accuracy.unstack("policy")
+    flops = table.flops_ratio.unstack("policy")
+    original_rows = comparison[comparison.policy == "original"]
+    if len(original_rows):
+        original_accuracy = float(original_rows.accuracy.mean())
+
+    needed = ["shortv", "cosine", "random"]
+    missing = [p for p in needed if p not in accuracy.columns]
+    if missing:
+        order["statement"] = f"The comparison has no {', '.join(missing)} rows."
+    else:
+        rows = accuracy[needed].dropna()
+        for k, row in rows.iterrows():
+            holds = row.shortv >= row.cosine - _TIE and row.cosine >= row.random - _TIE
+            order["per_k"].append({"k": int(k), "flops_ratio": float(flops.loc[k, "shortv"]), "shortv": row.shortv,
+                                   "cosine": row.cosine, "random": row.random, "holds": bool(holds)})
+        held = [r["k"] for r in order["per_k"] if r["holds"]]
+        failed = [r for r in order["per_k"] if not r["holds"]]
+        ks = ", ".join(str(r["k"]) for r in order["per_k"])
+        if not order["per_k"]:
+            order["statement"] = "No k has all of shortv, cosine and random rows."
+        elif not failed:
+            order.update(verdict="holds", statement=f"At every k compared ({ks}) the LC-chosen layers "
+                         "kept at least the accuracy of the cosine-chosen layers, and those at least that of random "
+                         "layers (mean over seeds).")
+        else:
+            detail = "; ".join(f"k={r['k']}: LC {r['shortv']:.1%}, cosine {r['cosine']:.1%}, random {r['random']:.1%}"
+                               for r in failed)
+            order.update(verdict="partly holds" if held else "does not hold",
+                         statement=f"The order fails at "
+                         f"{len(failed)} of {len(order['per_k'])} k compared ({detail}).")
+
+    if "text" not in accuracy.columns or "shortv" not in accuracy.columns or original_accuracy is None:
+        lacking = [p for p in ("shortv", "text") if p not in accuracy.columns]
+        text["statement"] = (f"The comparison has no {', '.join(lacking)} rows." if lacking
+                             else "There is no original accuracy (an 'original' row or the original score).")
+    else:
+        rows = accuracy[["shortv", "text"]].dropna()
+        for k, row in rows.iterrows():
+            text["per_k"].append({"k": int(k), "visual_drop": original_accuracy - row.shortv,
+                                  "text_drop": original_accuracy - row.text})
+        if not text["per_k"]:
+            text["statement"] = "No k has both shortv and text rows."
+        else:
+            visual_drop = float(np.mean([r["visual_drop"] for r in text["per_k"]]))
+            text_drop = float(np.mean([r["text_drop"] for r in text["per_k"]]))
+            holds = text_drop >= FAR_MORE_FACTOR * visual_drop and text_drop - visual_drop >= FAR_MORE_POINTS
+            ks = ", ".join(str(r["k"]) for r in text["per_k"])
+            text.update(verdict="holds" if holds else "does not hold", visual_drop=visual_drop, text_drop=text_drop,
+                        statement=f"In the LC-chosen layers (k = {ks}), "
+                        f"freezing text tokens cost {_points(text_drop)} of accuracy on average, freezing visual "
+                        f"tokens {_points(visual_drop)} (from {original_accuracy:.1%}; \"far more\" means at least "
+                        f"{FAR_MORE_FACTOR:g}× and {_points(FAR_MORE_POINTS)} more).")
+    return {"policy_order": order, "text_vs_visual": text}
+
+
+# ----------------------------------------------------------------------------- headline figures
+
+def _latency_headline(latency: pd.DataFrame | None, plan: EfficiencyPlan) -> dict | None:
+    """The pruned variant's prefill speedup: the row named pruned/plan/the plan's policy, else the fastest."""
+    if latency is None or "prefill_speedup" not in latency.columns or "variant" not in latency.columns:
+        return None
+    named = latency[latency.variant.astype(str).isin(["pruned", "plan", str(plan.provenance.get("policy"))])]
+    others = latency[~latency.variant.astype(str).isin(["original", "full", "baseline"])]
+    rows = named if len(named) else others
+    if rows.empty:
+        return None
+    row = rows.loc[rows.prefill_speedup.astype(float).idxmax()]
+    return {"variant": str(row.variant), "prefill_speedup": float(row.prefill_speedup),
+            **({"decode_speedup": float(row.decode_speedup)} if "decode_speedup" in row else {})}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def report_summary(inputs: ReportInputs) -> dict[str, Any]:
+    """The headline figures (what ``summary.json`` holds): model, data, plan, FLOPs ratio, accuracy
+    original and pruned, prefill speedup, and the claims' verdicts."""
+    attrs = inputs.lc.attrs
+    scores = inputs.scores or {}
+    original = scores.get("original", {}).get("overall")
+    changed = {m: list(inputs.plan.layers(m)) for m in dict.fromkeys(inputs.plan.modes) if m != "full"}
+    return _jsonable({
+        "model": attrs.get("model"), "model_class": attrs.get("model_class"), "n_layers": inputs.plan.n_layers,
+        "probe_dataset": attrs.get("dataset"), "probe_split": attrs.get("dataset_split"),
+        "probe_samples": inputs.lc.sizes["sample"], "divergence": attrs.get("divergence"),
+        "plan": {"changed_layers": changed, "provenance": dict(inputs.plan.provenance)},
+        "decoder_flops_ratio": (inputs.flops or {}).get("decoder_flops_ratio"),
+        "flops": dict(inputs.flops or {}),
+        "accuracy": {"original": original, "pruned": scores.get("pruned", {}).get("overall")},
+        "scores": {k: dict(v) for k, v in scores.items()},
+        "latency": _latency_headline(inputs.latency, inputs.plan),
+        "pruned_model": None if inputs.pruned_model is None else str(inputs.pruned_model),
+        "claims": check_claims(inputs.comparison, original),
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+# ----------------------------------------------------------------------------- page blocks
+
+def _md_text(text: Any) -> str:
+    """Dataset text for Markdown: HTML-escaped, Markdown punctuation and table pipes escaped, one line."""
+    escaped = html.escape(str(text), quote=False)
+    return re.sub(r"([\\`*_\[\]|#])", r"\\\1", escaped).replace("\n", " ")
+
+
+@dataclass
+class _Block:
+    html: str
+    markdown: str
+
+
+def _heading(text: str, anchor: str) -> _Block:
+    return _Block(f'<h2 id="{anchor}">{html.escape(text)}</h2>', f"## {_md_text(text)}")
+
+
+def _paragraph(text: str) -> _Block:
+    return _Block(f"<p>{html.escape(text)}</p>", _md_text(text))
+
+
+def _format(value: Any, formatter: Callable[[Any], str] | None) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if formatter is not None and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return "—" if isinstance(value, float) and math.isnan(value) else formatter(value)
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | None = None,
+           default: Callable[[Any], str] | None = lambda v: f"{v:.4g}") -> _Block:
+    """A frame as an HTML and a Markdown table; every cell escaped."""
+    formats = formats or {}
+    cells = [[_format(v, formats.get(c, default)) for c, v in zip(frame.columns, row)]
+             for row in frame.itertuples(index=False, name=None)]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in cells)
+    markdown = ["| " + " | ".join(_md_text(c) for c in frame.columns) + " |",
+                "|" + "---|" * len(frame.columns)]
+    markdown += ["| " + " | ".join(_md_text(v) for v in row) + " |" for row in cells]
+    return _Block(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>',
+                  "\n".join(markdown))
+
+
+def _figure(png: bytes, name: str, caption: str) -> _Block:
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return _Block(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
+                  f"<figcaption>{html.escape(caption)}</figcaption></figure>",
+                  f"![{_md_text(caption)}](figures/{name})\n\n*{_md_text(caption)}*")
+
+
+def _link(text: str, href: str, note: str = "") -> _Block:
+    return _Block(f'<p><a href="{html.escape(href)}">{html.escape(text)}</a> {html.escape(note)}</p>',
+                  f"[{_md_text(text)}](<{href}>) {_md_text(note)}")
+
+
+def _files(names: Sequence[str]) -> _Block:
+    items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
+    return _Block(f'<ul class="files">{items}</ul>', "\n".join(f"- [{_md_text(n)}](<{n}>)" for n in names))
+
+
+def _cards(cards: Sequence[tuple[str, str, str]]) -> _Block:
+    """Headline numbers: (label, value, detail) each."""
+    body = "".join(f'<div class="card"><div class="label">{html.escape(label)}</div>'
+                   f'<div class="value">{html.escape(value)}</div><div class="detail">{html.escape(detail)}</div></div>'
+                   for label, value, detail in cards)
+    markdown = "\n".join(f"- **{_md_text(label)}**: {_md_text(value)} ({_md_text(detail)})"
+                         for label, value, detail in cards)
+    return _Block(f'<div class="cards">{body}</div>', markdown)
+
+
+def _verdict(claim: dict) -> _Block:
+    css = {"holds": "ok", "partly holds": "warn", "does not hold": "bad"}.get(claim["verdict"], "none")
+    return _Block(f'<div class="claim {css}"><div class="claim-text">Claim: {html.escape(claim["claim"])}</div>'
+                  f'<div><span class="badge">{html.escape(claim["verdict"])}</span> '
+                  f'{html.escape(claim["statement"])}</div></div>',
+                  f"> **Claim:** {_md_text(claim['claim'])}  \n> **{_md_text(claim['verdict'].capitalize())}:** "
+                  f"{_md_text(claim['statement'])}")
+
+
+_percent = "{:.1%}".format
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
+    plan = inputs.plan
+    changed = plan.n_layers - len(plan.layers("full"))
+    modes = ", ".join(f"{len(plan.layers(m))} {m}" for m in dict.fromkeys(plan.modes) if m != "full") or "none"
+    ratio = summary["decoder_flops_ratio"]
+    accuracy = summary["accuracy"]
+    latency = summary["latency"]
+    cards = [
+        ("Layers changed", f"{changed} of {plan.n_layers}", modes),
+        ("Decoder prefill FLOPs", "not counted" if ratio is None else f"{ratio:.0%} of original",
+         "" if ratio is None else f"{1 / ratio:.2f}× fewer" if ratio > 0 else ""),
+        ("Accuracy original → pruned",
+         "not measured" if accuracy["original"] is None or accuracy["pruned"] is None
+         else f"{accuracy['original']:.1%} → {accuracy['pruned']:.1%}",
+         "" if accuracy["original"] is None or accuracy["pruned"] is None
+         else f"{100 * (accuracy['pruned'] - accuracy['original']):+.1f} points"),
+        ("Prefill speedup", "not measured" if latency is None else f"{latency['prefill_speedup']:.2f}×",
+         "" if latency is None else f"variant {latency['variant']}"),
+    ]
+    return [_cards(cards)]
+
+
+def _claims_section(summary: dict) -> list[_Block]:
+    claims = summary["claims"]
+    blocks = [_heading("Claims checked", "claims"), _verdict(claims["policy_order"]),
+              _verdict(claims["text_vs_visual"])]
+    if claims["policy_order"]["per_k"]:
+        blocks.append(_paragraph("Accuracy of each policy at equal k (equal FLOPs):"))
+        blocks.append(_table(pd.DataFrame(claims["policy_order"]["per_k"]),
+                             {"shortv": _percent, "cosine": _percent, "random": _percent, "k": str}))
+    if claims["text_vs_visual"]["per_k"]:
+        frame = pd.DataFrame(claims["text_vs_visual"]["per_k"])
+        blocks.append(_paragraph("Accuracy lost against the original, freezing visual or text tokens in the same "
+                                 "layers:"))
+        blocks.append(_table(frame, {"k": str, "visual_drop": _points, "text_drop": _points}))
+    return blocks
+
+
+def _plan_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+    plan = inputs.plan
+    blocks = [_heading("The chosen plan", "plan"),
+              _figure(figures["plan.png"], "plan.png",
+                      "Decoder layers coloured by the mode their visual tokens run in")]
+    layers = [f"{m}: {', '.join(map(str, plan.layers(m)))}" for m in dict.fromkeys(plan.modes) if m != "full"]
+    blocks.append(_paragraph("; ".join(layers) if layers else "Every layer runs in full (an empty plan)."))
+    if plan.provenance:
+        blocks.append(_table(pd.DataFrame({"provenance": list(plan.provenance),
+                                           "value": [json.dumps(_jsonable(v)) if not isinstance(v, str) else v
+                                                     for v in plan.provenance.values()]}), default=None))
+    return blocks
+
+
+def _lc_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+    lc = inputs.lc
+    mean = lc.mean("sample")
+    table = pd.DataFrame({"layer": lc.layer.values, "mode": inputs.plan.modes,
+                          "LC visual": mean.lc.sel(group="visual").values, "LC text": mean.lc.sel(group="text").values,
+                          "cosine visual": mean.cosine.sel(group="visual").values})
+    if "relative_change" in lc:
+        table["relative change visual"] = mean.relative_change.sel(group="visual").values
+    below = int((table["LC visual"] < table["LC text"]).sum())
+    return [_heading("Layer Contribution", "lc"),
+            _paragraph(f"How much the output distribution moves ({lc.attrs.get('divergence', '?')} divergence at the "
+                       f"{lc.attrs.get('positions', '?')} positions) when one layer's update of one token group is "
+                       f"removed, over {lc.sizes['sample']} samples. Visual LC is below text LC in {below} of "
+                       f"{len(table)} layers."),
+            _figure(figures["lc.png"], "lc.png", "Layer Contribution per layer and token group (log scale; "
+                    f"values at or below {plots.FLOOR:g}, float noise included, are drawn at {plots.FLOOR:g})"),
+            _table(table, {"layer": str})]
+
+
+def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+    if inputs.comparison is None:
+        return []
+    comparison = inputs.comparison
+    table = _policy_accuracy(comparison[comparison.policy != "original"]).reset_index()
+    order = [p for p in plots.POLICY_ORDER if p in set(table.policy)] + sorted(
+        set(table.policy) - set(plots.POLICY_ORDER))
+    wide = table.pivot(index="k", columns="policy", values="accuracy")[order].reset_index()
+    flops = table.pivot(index="k", columns="policy", values="flops_ratio")[order].reset_index()
+    original = comparison[comparison.policy == "original"].accuracy
+    return [_heading("Accuracy vs FLOPs", "tradeoff"),
+            _paragraph("Each policy changes k layers; at equal k the visual-freezing policies cost the same FLOPs. "
+                       "'text' freezes the text tokens instead, in the LC-chosen layers."
+                       + (f" The original model scores {original.mean():.1%}." if len(original) else "")),
+            _figure(figures["tradeoff.png"], "tradeoff.png",
+                    "Accuracy against decoder prefill FLOPs ratio (random: mean ± sd over seeds; chosen plan: its "
+                    "benchmark score at its FLOPs ratio)"),
+            _paragraph("Accuracy per policy and k:"), _table(wide, {"k": str}, _percent),
+            _paragraph("Decoder prefill FLOPs ratio per policy and k:"), _table(flops, {"k": str}, "{:.3f}".format)]
+
+
+def _scores_section(inputs: ReportInputs, out: Path) -> list[_Block]:
+    blocks: list[_Block] = []
+    if inputs.scores is not None:
+        original, pruned = inputs.scores["original"], inputs.scores["pruned"]
+        keys = sorted(set(original) | set(pruned), key=lambda k: (k == "overall" or k.startswith("yes"), k))
+        frame = pd.DataFrame({"metric": keys, "original": [original.get(k, math.nan) for k in keys],
+                              "pruned": [pruned.get(k, math.nan) for k in keys]})
+        frame["change"] = frame.pruned - frame.original
+        blocks += [_table(frame, {"change": lambda v: f"{100 * v:+.1f} points"}, _percent)]
+    if inputs.pruned_model is not None:
+        href = Path(os.path.relpath(os.path.abspath(inputs.pruned_model), os.path.abspath(out))).as_posix() + "/"
+        blocks.append(_link("The pruned model", href, f"({href}; load it with eemllm_models.load_pruned)"))
+    return [_heading("Benchmark: original vs pruned", "scores"), *blocks] if blocks else []
+
+
+def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+    blocks: list[_Block] = []
+    if inputs.modes is not None:
+        mean = inputs.modes.contribution.mean("sample").to_pandas().reset_index()
+        blocks += [_heading("Mode contributions", "modes"),
+                   _paragraph("Divergence from the original output when only one layer runs a mode."),
+                   _figure(figures["modes.png"], "modes.png",
+                           f"Contribution per layer and mode (log scale; values at or below {plots.FLOOR:g} "
+                           "drawn there)"),
+                   _table(mean, {"layer": str}, "{:.3g}".format)]
+    if inputs.attention is not None:
+        blocks += [_heading("Attention statistics", "attention"),
+                   _paragraph(f"Attention mass and entropy per layer and head, mean over "
+                              f"{inputs.attention.sizes['sample']} samples (the first "
+                              f"{inputs.attention.attrs.get('sink_tokens', '?')} token(s) count as sink)."),
+                   _figure(figures["attention.png"], "attention.png", "Attention statistics: layer × head")]
+    if inputs.latency is not None:
+        blocks += [_heading("Latency", "latency"), _table(inputs.latency, {"repeats": str, "batch": str})]
+    if inputs.answers is not None:
+        shown = inputs.answers.head(ANSWER_ROWS)
+        blocks += [_heading("Answers", "answers"),
+                   _paragraph(f"The first {len(shown)} of {len(inputs.answers)} samples (all in answers.csv)."),
+                   _table(shown, default=None)]
+    return blocks
+
+
+def _provenance_section(inputs: ReportInputs, files: Sequence[str]) -> list[_Block]:
+    attrs = {k: v for k, v in inputs.lc.attrs.items()}
+    blocks = [_heading("Provenance", "provenance"), _paragraph("The Layer Contribution result's attributes:"),
+              _table(pd.DataFrame({"attribute": list(attrs), "value": [str(v) for v in attrs.values()]}), default=None)]
+    if inputs.sources:
+        blocks += [_paragraph("Read from:"), _table(pd.DataFrame({"input": list(inputs.sources),
+                                                                  "file": list(inputs.sources.values())}))]
+    blocks += [_paragraph("Files in this folder:"), _files(files)]
+    return blocks
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
+background:#f6f7f9;color:#1d232b}
+main{max-width:1120px;margin:0 auto;padding:24px 32px 64px;background:#fff;box-shadow:0 0 12px rgba(0,0,0,.06)}
+h1{font-size:1.7em;margin:.2em 0}h2{border-bottom:2px solid #e3e6ea;padding-bottom:.2em;margin-top:1.8em}
+.sub{color:#5b6570;margin:.2em 0 1em}nav a{margin-right:1em;color:#35608f;font-size:.92em}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(210px,1fr));gap:12px;margin:18px 0}
+.card{background:#f0f4f9;border-radius:8px;padding:12px 16px}
+.card .label{font-size:.82em;color:#5b6570;text-transform:uppercase;letter-spacing:.04em}
+.card .value{font-size:1.6em;font-weight:600;margin:.15em 0}.card .detail{font-size:.85em;color:#5b6570}
+.claim{border-left:6px solid #999;background:#f7f7f7;padding:10px 14px;margin:10px 0;border-radius:4px}
+.claim.ok{border-color:#2e8540;background:#eef7f0}.claim.warn{border-color:#d98c00;background:#fdf6e7}
+.claim.bad{border-color:#c0392b;background:#fbeeed}.claim-text{font-style:italic;margin-bottom:4px}
+.badge{font-weight:700;text-transform:uppercase;font-size:.85em}
+figure{margin:12px 0}img{max-width:100%;height:auto}figcaption{font-size:.88em;color:#5b6570}
+.scroll{overflow-x:auto;margin:8px 0}table{border-collapse:collapse;font-size:.86em}
+th,td{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eef1f4}
+tr:nth-child(even) td{background:#fafbfc}
+ul.files{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 18px}
+"""
+
+
+def _page(title: str, subtitle: str, blocks: Sequence[_Block]) -> tuple[str, str]:
+    anchors = re.findall(r'<h2 id="([^"]+)">([^<]+)</h2>', "".join(b.html for b in blocks))
+    nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in anchors)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body><main>"
+            f"<h1>{html.escape(title)}</h1><p class=\"sub\">{html.escape(subtitle)}</p><nav>{nav}</nav>\n"
+            + "\n".join(b.html for b in blocks) + "\n</main></body></html>\n")
+    markdown = f"# {_md_text(title)}\n\n{_md_text(subtitle)}\n\n" + "\n\n".join(b.markdown for b in blocks) + "\n"
+    return page, markdown
+
+
+def _figures(inputs: ReportInputs, summary: dict) -> dict[str, bytes]:
+    figures = {"plan.png": plots.plan_figure(inputs.plan), "lc.png": plots.lc_figure(inputs.lc)}
+    if inputs.comparison is not None:
+        ratio, pruned = summary["decoder_flops_ratio"], summary["accuracy"]["pruned"]
+        figures["tradeoff.png"] = plots.tradeoff_figure(
+            inputs.comparison, None if ratio is None or pruned is None else (ratio, pruned))
+    if inputs.modes is not None:
+        figures["modes.png"] = plots.modes_figure(inputs.modes)
+    if inputs.attention is not None:
+        figures["attention.png"] = plots.attention_figure(inputs.attention)
+    return {name: plots.png_bytes(figure) for name, figure in figures.items()}
+
+
+# ----------------------------------------------------------------------------- writing the folder
+
+def _write_contents(inputs: ReportInputs, out: Path, staging: Path) -> None:
+    """Write every report file into ``staging``; links are made as if it were already at ``out``."""
+    summary = report_summary(inputs)
+    figures = _figures(inputs, summary)
+    for name, png in figures.items():
+        atomic_write(staging / "figures" / name, lambda tmp, png=png: tmp.write_bytes(png))
+    files = ["index.html", "report.md", "summary.json", "plan.json"]
+    for name in PROBE_FILES:
+        if getattr(inputs, name) is not None:
+            probes.save_result(getattr(inputs, name), staging / PROBE_FILES[name])
+            files.append(PROBE_FILES[name])
+    for name in ("comparison", "latency", "answers"):
+        frame = getattr(inputs, name)
+        if frame is not None:
+            atomic_write(staging / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+            files.append(f"{name}.csv")
+    files += [f"figures/{name}" for name in figures]
+    atomic_write_text(staging / "plan.json", json.dumps(_jsonable(inputs.plan.to_dict()), indent=1) + "\n")
+    atomic_write_text(staging / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    attrs = inputs.lc.attrs
+    model = str(attrs.get("model", "unnamed model"))
+    title = inputs.title or f"Redundancy report: {Path(model).name or model}"
+    subtitle = (f"{model} ({attrs.get('model_class', '?')}, {inputs.plan.n_layers} decoder layers); probed on "
+                f"{attrs.get('dataset', '?')} ({attrs.get('dataset_split', '?')}, "
+                f"{inputs.lc.sizes['sample']} samples); "
+                f"generated {summary['generated_at']}")
+    blocks = [*_headline(inputs, summary), *_claims_section(summary), *_plan_section(inputs, figures),
+              *_scores_section(inputs, out), *_lc_section(inputs, figures), *_comparison_section(inputs, figures),
+              *_other_sections(inputs, figures), *_provenance_section(inputs, files)]
+    page, markdown = _page(title, subtitle, blocks)
+    atomic_write_text(staging / "report.md", markdown)
+    atomic_write_text(staging / "index.html", page)
+
+
+def _inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
+
+
+def write_report(inputs: ReportInputs, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the report folder ``out`` (see the module docstring) and return its ``index.html``.
+
+    ``out`` must not exist unless ``overwrite``; then it is replaced whole (a pruned model inside it,
+    named by ``inputs.pruned_model``, is moved into the new folder). Refuses to replace a folder its
+    inputs are read from.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    read_from = [s for s in inputs.sources.values() if _inside(s, out)]
+    if out.exists() and read_from:
+        raise ValueError(f"--overwrite would replace {out}, which holds this report's inputs ({', '.join(read_from)}); "
+                         "write the report to another --out")
+    carried = None
+    if inputs.pruned_model is not None and _inside(inputs.pruned_model, out):
+        carried = Path(os.path.abspath(inputs.pruned_model)).relative_to(os.path.abspath(out))
+        if carried == Path(".") or carried.parts[0] in {"index.html", "report.md", "summary.json", "plan.json",
+                                                         "figures", *PROBE_FILES.values()}:
+            raise ValueError(f"the pruned model path {inputs.pruned_model} collides with the report's own files; "
+                             "save the pruned model elsewhere (e.g. OUT/pruned-model)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_contents(inputs, out, staging)
+        make_readable(staging)
+        if not out.exists():
+            os.rename(staging, out)
+            return out / "index.html"
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if carried is not None and (old / carried).exists():
+        (out / carried).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old / carried, out / carried)
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "index.html"
