@@ -12,7 +12,8 @@ from eemllm_models.zoo import shapes_vqa
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples, overwrite=args.overwrite)
+    result = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples,
+                      compare_samples=args.compare_samples, overwrite=args.overwrite)
     frame = result.answers
     print(frame[["qtype", "question", "answer", "prediction", "pruned_prediction"]]
           .assign(question=frame.question.str.split("\n").str[0]).to_string(index=False))
@@ -26,7 +27,16 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"{qtype:>9}: {group.correct.mean():7.1%} {group.pruned_correct.mean():7.1%}  "
               f"{shapes_vqa.CHANCE[qtype]:5.0%}  (n={len(group)})")
     print(f"  overall: {frame.correct.mean():7.1%} {frame.pruned_correct.mean():7.1%}  (n={len(frame)})")
-    print(f"wrote {args.out}: demo_answers.csv, demo_summary.json, lc.nc, plan.json, pruned-model/")
+    print()
+    table = result.comparison.groupby(["k", "policy"], sort=False).agg(
+        flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean")).unstack("policy")["accuracy"]
+    print("accuracy by number of frozen layers (random: mean of 3 seeds; text: text tokens frozen instead):")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    latency = result.latency.set_index("variant")
+    print(f"prefill {latency.prefill_ms['original']:.0f} ms -> {latency.prefill_ms['pruned']:.0f} ms "
+          f"({latency.prefill_speedup['pruned']:.2f}x, median of {latency.repeats['pruned']} paired runs)")
+    print(f"wrote {args.out}: report/index.html, pruned-model/, plan.json, the probes' .nc files, "
+          "comparison.csv, latency.csv, demo_answers.csv, demo_summary.json")
     return 0
 
 
@@ -294,6 +304,22 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .report import load_report_inputs, write_report
+
+    inputs = load_report_inputs(args.probes, plan=args.plan, comparison=args.comparison, latency=args.latency,
+                                answers=args.answers, pruned_model=args.pruned_model)
+    if args.scores:
+        original, pruned = (json.loads(Path(p).read_text())["scores"] for p in args.scores)
+        inputs = dataclasses.replace(inputs, scores={"original": original, "pruned": pruned})
+    path = write_report(inputs, args.out, overwrite=args.overwrite)
+    print(f"wrote {path} (and report.md, figures/, summary.json beside it)")
+    return 0
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -315,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
     demo.add_argument("--probe-samples", type=int, default=16,
                       help="train-split prompts for the Layer Contribution probe (default 16)")
-    demo.add_argument("--overwrite", action="store_true", help="replace a pruned model left in --out")
+    demo.add_argument("--compare-samples", type=int, default=42,
+                      help="test questions on which the policies are compared (default 42)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a pruned model and report left in --out")
     demo.set_defaults(run=_demo)
 
     probe = commands.add_parser("probe", parents=[loading],
@@ -412,6 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--out", type=Path, required=True, help="directory for answers.csv and scores.json")
     evaluate.set_defaults(run=_evaluate)
+
+    report = commands.add_parser("report", help="write the redundancy report folder (HTML, Markdown, PNG, data)")
+    report.add_argument("--probes", type=Path, required=True,
+                        help="folder with lc.nc (and attention.nc, mode_contribution.nc) from `eemllm probe`, or a "
+                             "demo folder")
+    report.add_argument("--plan", type=Path, default=None, help="plan JSON (default: PROBES/plan.json)")
+    report.add_argument("--comparison", type=Path, default=None, help="CSV from `eemllm compare`")
+    report.add_argument("--latency", type=Path, default=None, help="latency.csv from `eemllm latency`")
+    report.add_argument("--scores", type=Path, nargs=2, default=None, metavar=("ORIGINAL", "PRUNED"),
+                        help="scores.json of `eemllm evaluate` without and with the plan")
+    report.add_argument("--answers", type=Path, default=None, help="answers.csv of `eemllm evaluate`")
+    report.add_argument("--pruned-model", type=Path, default=None, help="folder written by `eemllm prune`")
+    report.add_argument("--out", type=Path, required=True, help="report folder to write (refused if it exists)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    report.set_defaults(run=_report)
 
     prune = commands.add_parser("prune", parents=[loading],
                                 help="save a model with a plan as a training-free pruned model")

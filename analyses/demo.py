@@ -1,7 +1,9 @@
 """The main job on the embedded default model: what ``eemllm demo`` runs.
 
-Answer shapes-vqa test questions, probe the Layer Contribution, choose a ShortV plan from it,
-count its FLOPs, answer the same questions with the plan applied and save the pruned model.
+Answer shapes-vqa test questions; probe the Layer Contribution, attention statistics and mode
+contributions; choose a ShortV plan; count its FLOPs; answer the same questions with the plan
+applied; measure accuracy against FLOPs for the policies and the frozen-text control; measure
+latency; save the pruned model and write the redundancy report.
 """
 
 from __future__ import annotations
@@ -18,60 +20,91 @@ from eemllm_models import EfficiencyPlan, load_default, load_shapes_vqa, save_pr
 from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.zoo import shapes_vqa
 
+from .compare import compare_policies
 from .evaluate import answer_frame, scores
-from .flops import flops_ratio
+from .flops import flops_ratio, full_flops
+from .latency import measure_latency
 from .policies import freeze_plan
+from .report import ReportInputs, write_report
 from .tokens import shapes_vqa_token_counts
 
 SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
+COMPARED_KS = (3, 5, 7, 9)
+"""Numbers of frozen layers at which the demo compares the policies."""
 
 
 @dataclass(frozen=True)
 class DemoResult:
     """What the demo measured: per-question answers of the original and the pruned model, the
-    Layer Contribution, the plan and its decoder FLOPs ratio."""
+    Layer Contribution, the plan, its decoder FLOPs ratio, the policy comparison, the latency
+    table and the report's ``index.html``."""
 
     answers: pd.DataFrame
     lc: xr.Dataset
     plan: EfficiencyPlan
     flops_ratio: float
+    comparison: pd.DataFrame
+    latency: pd.DataFrame
+    report: Path
 
 
 def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 16,
-             overwrite: bool = False) -> DemoResult:
+             compare_samples: int = 42, overwrite: bool = False) -> DemoResult:
     """Run the demo on ``n`` shapes-vqa test questions and write its files to ``out``.
 
     Files: ``demo_answers.csv`` (one row per question: answer, original and pruned prediction),
-    ``demo_summary.json`` (accuracy per type, original and pruned, chance levels, plan, FLOPs
-    ratio), ``lc.nc`` (Layer Contribution on ``probe_samples`` train-split prompts), ``plan.json``
-    and ``pruned-model/`` (reloads with ``eemllm_models.load_pruned``; replaced only with
-    ``overwrite``).
+    ``demo_summary.json`` (accuracy per type, original and pruned, chance levels, plan, FLOPs),
+    ``lc.nc``, ``attention.nc``, ``mode_contribution.nc`` (probes on ``probe_samples`` train-split
+    prompts), ``plan.json``, ``comparison.csv`` (accuracy vs FLOPs of the policies on
+    ``compare_samples`` other test questions), ``latency.csv``, ``pruned-model/`` (reloads with
+    ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
+    model or report is replaced only with ``overwrite``.
     """
-    if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
-    if probe_samples < 1:
-        raise ValueError(f"--probe-samples must be at least 1, got {probe_samples}")
-    if (out / "pruned-model").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'pruned-model'} already exists; choose another --out or pass --overwrite")
+    for name, value in (("--n", n), ("--probe-samples", probe_samples), ("--compare-samples", compare_samples)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    for existing in (out / "pruned-model", out / "report"):
+        if existing.exists() and not overwrite:
+            raise FileExistsError(f"{existing} already exists; choose another --out or pass --overwrite")
     model, processor = load_default()
     data = load_shapes_vqa("test", n=n, seed=seed)
     frame = answer_frame(model, processor, data, batch_size=batch_size)
-    lc = probes.layer_contribution(model, processor, load_shapes_vqa("train", n=400, seed=seed),
-                                   samples=probe_samples, seed=seed)
+    calibration = load_shapes_vqa("train", n=400, seed=seed)
+    common = dict(samples=probe_samples, seed=seed)
+    lc = probes.layer_contribution(model, processor, calibration, **common)
+    attention = probes.attention_statistics(model, processor, calibration, **common)
+    modes = probes.mode_contribution(model, processor, calibration, **common)
     plan = freeze_plan(lc, round(SHORTV_SHARE * lc.sizes["layer"]), "shortv")
     pruned = answer_frame(model, processor, data, plan=plan, batch_size=batch_size, progress=False)
     frame["pruned_prediction"], frame["pruned_correct"] = pruned.prediction, pruned.correct
-    ratio = flops_ratio(model.config, plan, shapes_vqa_token_counts(model, processor))
+    tokens = shapes_vqa_token_counts(model, processor)
+    ratio = flops_ratio(model.config, plan, tokens)
+    prefill = {name: float(full_flops(model.config, chosen, tokens).flops.sum())
+               for name, chosen in (("original", EfficiencyPlan.empty(plan.n_layers)), ("pruned", plan))}
+    flops = {"decoder_flops_ratio": ratio, "prefill_flops_ratio": prefill["pruned"] / prefill["original"],
+             "prefill_gflops_original": prefill["original"] / 1e9, "prefill_gflops_pruned": prefill["pruned"] / 1e9}
+    comparison = compare_policies(model, processor, load_shapes_vqa("test", n=compare_samples, seed=seed + 1), lc,
+                                  COMPARED_KS, tokens, seeds=(0, 1, 2), batch_size=batch_size)
+    latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
+                              {"original": None, "pruned": plan}, warmup=1, repeats=3)
     summary = {
         "model": "eemllm default (embedded)", "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),
         "chance": {q: shapes_vqa.CHANCE[q] for q in sorted(set(frame.qtype))},
-        "plan": plan.to_dict(), "decoder_flops_ratio": ratio,
+        "plan": plan.to_dict(), **flops,
     }
     atomic_write(out / "demo_answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=1) + "\n")
-    probes.save_result(lc, out / "lc.nc")
+    for name, result in (("lc", lc), ("attention", attention), ("mode_contribution", modes)):
+        probes.save_result(result, out / f"{name}.nc")
     plan.save(out / "plan.json")
+    atomic_write(out / "comparison.csv", lambda tmp: comparison.to_csv(tmp, index=False))
+    atomic_write(out / "latency.csv", lambda tmp: latency.to_csv(tmp, index=False))
     save_pruned(model, plan, out / "pruned-model", processor=processor, overwrite=overwrite)
-    return DemoResult(frame, lc, plan, ratio)
+    inputs = ReportInputs(lc=lc, plan=plan, attention=attention, modes=modes, comparison=comparison, latency=latency,
+                          scores={"original": summary["accuracy"], "pruned": summary["pruned_accuracy"]},
+                          answers=frame, flops=flops, pruned_model=out / "pruned-model",
+                          title="Redundancy report: eemllm default model on shapes-vqa")
+    report = write_report(inputs, out / "report", overwrite=overwrite)
+    return DemoResult(frame, lc, plan, ratio, comparison, latency, report)

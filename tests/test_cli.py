@@ -17,10 +17,16 @@ from eemllm_models import EfficiencyPlan, load_pruned, load_shapes_vqa
 
 def test_demo_runs_the_flow_and_its_pruned_model_scores_as_reported(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run(["eemllm", "demo", "--out", str(out), "--n", "14"], capture_output=True, text=True,
+    result = subprocess.run(["eemllm", "demo", "--out", str(out), "--n", "14", "--probe-samples", "4",
+                             "--compare-samples", "14"], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "overall:" in result.stdout and "Layer Contribution" in result.stdout and "ShortV plan" in result.stdout
+    assert "prefill" in result.stdout and "text" in result.stdout
+    report = json.loads((out / "report" / "summary.json").read_text())
+    assert (out / "report" / "index.html").is_file() and (out / "report" / "report.md").is_file()
+    assert report["claims"].keys() and pd.read_csv(out / "comparison.csv").policy.nunique() == 5
+    assert "../pruned-model/" in (out / "report" / "index.html").read_text()
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n"] == 14 and 0 <= summary["accuracy"]["overall"] <= 1
     assert 0 < summary["decoder_flops_ratio"] < 1
@@ -32,6 +38,9 @@ def test_demo_runs_the_flow_and_its_pruned_model_scores_as_reported(tmp_path):
     assert rescored == summary["pruned_accuracy"] and plan.modes == summary["plan"]["modes"]
     again = subprocess.run(["eemllm", "demo", "--out", str(out), "--n", "14"], capture_output=True, text=True)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    assert main(["report", "--probes", str(out), "--out", str(out / "report")]) == 2
+    assert main(["report", "--probes", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "index.html").is_file()
 
 
 def test_evaluate_and_prune_commands(tmp_path, capsys):
@@ -160,3 +169,12 @@ def test_latency_command_measures_original_and_planned(tmp_path, capsys):
     frame = pd.read_csv(tmp_path / "l" / "latency.csv")
     assert list(frame.variant) == ["original", "planned"] and frame.prefill_speedup[0] == 1
     assert "prefill_speedup" in capsys.readouterr().out
+
+
+def test_report_command_refuses_an_incomplete_probe_file(probe_dir, tmp_path, capsys):
+    incomplete = tmp_path / "probes"
+    incomplete.mkdir()
+    xr.load_dataset(probe_dir / "lc.nc").drop_vars("lc").to_netcdf(incomplete / "lc.nc")
+    _frozen_plan(incomplete)
+    assert main(["report", "--probes", str(incomplete), "--out", str(tmp_path / "r")]) == 2
+    assert "eemllm probe" in capsys.readouterr().err and not (tmp_path / "r").exists()
