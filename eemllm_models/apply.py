@@ -2,9 +2,11 @@
 
 The model keeps its class, weights and module tree (so ``generate()``, ``save_pretrained()``,
 processors and harnesses keep working). A forward pre-hook on the top model reads ``input_ids``
-and the padding mask of each call and finds the visual positions; each non-``full`` decoder layer
-gets an instance-level ``forward`` that runs its mode. Calls whose tokens include no image token
-(a text-only prompt, or a decoding step with the KV cache) run every layer as usual.
+and the padding mask of each call, finds the visual positions and opens the call's
+:class:`~eemllm_models.modes.CallCache`; a forward hook that runs even when the call raises drops
+it. Each non-``full`` decoder layer gets an instance-level ``forward`` that runs its mode. Calls
+whose tokens include no image token (a text-only prompt, or a decoding step with the KV cache)
+run every layer as usual.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from transformers import PreTrainedModel
 
 from .families import family_of
 from .layout import TokenLayout
-from .modes import RowSplit, fast_forward, reference_forward
+from .modes import NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, reference_forward
 from .plan import EfficiencyPlan
 
 logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("fast", "reference")
 CONFIG_KEY = "eemllm_plan"
+_BLOCK_MASKS = NaavitBlockMasks()
+"""FlexAttention block masks of the last few layouts, shared by every applied plan (a plan applied
+again, as benchmarks do between runs, finds its layout's block mask built)."""
 
 
 def token_layout(model: PreTrainedModel, input_ids: torch.Tensor,
@@ -34,10 +39,9 @@ def token_layout(model: PreTrainedModel, input_ids: torch.Tensor,
 
 @dataclass
 class _CallState:
-    """What the current forward call's layers need: its layout and row split (None: run as usual)."""
+    """What the current forward call's layers share (None: no image tokens, run as usual)."""
 
-    layout: TokenLayout | None = None
-    split: RowSplit | None = None
+    cache: CallCache | None = None
 
 
 @dataclass
@@ -47,17 +51,20 @@ class AppliedPlan:
     model: PreTrainedModel
     plan: EfficiencyPlan
     implementation: str
+    naavit_kernel: str = "gather"
     _layers: list[torch.nn.Module] = field(default_factory=list)
-    _hook: torch.utils.hooks.RemovableHandle | None = None
+    _hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    _state: _CallState = field(default_factory=_CallState)
 
     def remove(self) -> None:
-        """Undo the plan: original layer forwards, no hook, no plan in the config."""
+        """Undo the plan: original layer forwards, no hooks, no plan in the config."""
         for layer in self._layers:
             del layer.forward
         self._layers.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._state.cache = None
         if getattr(self.model, "_eemllm_applied", None) is self:
             del self.model._eemllm_applied
             if hasattr(self.model.config, CONFIG_KEY):
@@ -75,11 +82,32 @@ def applied_plan(model: PreTrainedModel) -> AppliedPlan | None:
     return getattr(model, "_eemllm_applied", None)
 
 
-def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str = "fast") -> AppliedPlan:
+def choose_naavit_kernel(model: PreTrainedModel, requested: str = "auto") -> str:
+    """The ``naavit`` attention kernel for ``model`` (one of :data:`~eemllm_models.modes.NAAVIT_KERNELS`).
+
+    ``"auto"`` picks ``flex`` (FlexAttention under a block mask) where it is faster: on CUDA, when
+    this torch has it; otherwise ``gather``. Compiled ``flex`` also runs on CPU (it needs a C++
+    compiler and compiles for tens of seconds), but is not picked there by default.
+    """
+    if requested == "auto":
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return "flex" if on_cuda and flex_available() else "gather"
+    if requested not in NAAVIT_KERNELS:
+        raise ValueError(f"naavit_kernel must be 'auto' or one of {NAAVIT_KERNELS}, got {requested!r}")
+    if requested.startswith("flex") and not flex_available():
+        raise ValueError(f"naavit_kernel={requested!r} needs FlexAttention (torch >= 2.5); "
+                         f"this is torch {torch.__version__}: use naavit_kernel='gather'")
+    return requested
+
+
+def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str = "fast",
+               naavit_kernel: str = "auto") -> AppliedPlan:
     """Run each decoder layer of ``model`` in ``plan``'s mode for visual tokens; returns the undo handle.
 
     ``implementation`` is ``"fast"`` (does less work; the default) or ``"reference"`` (masks and
-    put-back rows; for checking). The plan is recorded in ``model.config.eemllm_plan`` while applied.
+    put-back rows; for checking). ``naavit_kernel``: how the fast ``naavit`` layers attend
+    (:func:`choose_naavit_kernel`). Logs one line saying which path runs. The plan is recorded in
+    ``model.config.eemllm_plan`` while applied.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -89,8 +117,9 @@ def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str
     layers = family.decoder_layers(model)
     plan.check_layers(len(layers), type(model).__name__)
     token_ids = family.visual_token_ids(model.config)
-    state = _CallState()
-    handle = AppliedPlan(model, plan, implementation)
+    kernel = choose_naavit_kernel(model, naavit_kernel)
+    handle = AppliedPlan(model, plan, implementation, kernel)
+    state = handle._state
 
     def read_layout(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -101,34 +130,61 @@ def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str
         mask = None if mask is None or mask.dim() != 2 else mask[:, -input_ids.shape[1]:]
         layout = TokenLayout.from_input_ids(input_ids, token_ids, mask)
         if bool(layout.visual.any()):
-            state.layout, state.split = layout, RowSplit.from_layout(layout)
+            state.cache = CallCache(layout, naavit_kernel=kernel, block_masks=_BLOCK_MASKS)
         else:
-            state.layout = state.split = None
+            state.cache = None
             if input_ids.shape[1] > 1:
                 logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
+
+    def end_call(module, args, output):
+        state.cache = None
 
     for layer, mode in zip(layers, plan.modes):
         if mode == "full":
             continue
         layer.forward = partial(_mode_forward, layer, layer.forward, mode, state, implementation)
         handle._layers.append(layer)
-    handle._hook = model.register_forward_pre_hook(read_layout, with_kwargs=True)
+    if handle._layers:  # an empty plan changes no layer: no hooks, no per-call work
+        handle._hooks = [model.register_forward_pre_hook(read_layout, with_kwargs=True),
+                         model.register_forward_hook(end_call, always_call=True)]
     model._eemllm_applied = handle
     setattr(model.config, CONFIG_KEY, plan.to_dict())
+    logger.info("eemllm: %s", _describe_path(plan, implementation, kernel))
     return handle
+
+
+def _describe_path(plan: EfficiencyPlan, implementation: str, kernel: str) -> str:
+    """One line: what the plan changes and which code path runs it."""
+    counts = {m: len(plan.layers(m)) for m in ("frozen", "naavit", "composite") if plan.layers(m)}
+    if not counts:
+        return "empty plan: every layer runs its original forward"
+    changed = ", ".join(f"{n} {m}" for m, n in counts.items())
+    if implementation == "reference":
+        return f"{changed} layers, reference implementation (full layers under masks / put-back rows)"
+    paths = []
+    if "frozen" in counts:
+        paths.append("frozen: text rows only, consecutive frozen layers share one copy of the hidden states")
+    if "naavit" in counts:
+        paths.append({"gather": "naavit: visual queries scored against gathered non-visual keys",
+                      "flex": "naavit: compiled FlexAttention with a layout block mask",
+                      "flex_eager": "naavit: FlexAttention uncompiled (reference math, slow)"}[kernel])
+    if "composite" in counts:
+        paths.append("composite: visual rows o_proj(v_proj(x)) + MLP, no visual queries")
+    return f"{changed} layers, fast implementation; " + "; ".join(paths)
 
 
 def _mode_forward(layer, original, mode: str, state: _CallState, implementation: str,
                   hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if state.layout is None:
+    cache = state.cache
+    if cache is None:
         return original(hidden_states, *args, **kwargs)
-    if state.layout.visual.shape != hidden_states.shape[:2]:
+    if cache.layout.visual.shape != hidden_states.shape[:2]:
         raise ValueError(
             f"the layer got {tuple(hidden_states.shape[:2])} tokens but the input_ids had "
-            f"{tuple(state.layout.visual.shape)}; call the model with input_ids of the full sequence"
+            f"{tuple(cache.layout.visual.shape)}; call the model with input_ids of the full sequence"
         )
     if args:
         kwargs["attention_mask"] = args[0]
     if implementation == "reference":
-        return reference_forward(layer, original, mode, state.layout, hidden_states, **kwargs)
-    return fast_forward(layer, mode, state.layout, state.split, hidden_states, **kwargs)
+        return reference_forward(layer, original, mode, cache.layout, hidden_states, **kwargs)
+    return fast_forward(layer, mode, cache.layout, cache.split, hidden_states, cache=cache, **kwargs)
