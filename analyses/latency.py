@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 
 from eemllm_models import EfficiencyPlan, build_prompt
+from eemllm_models.generation import encode_prompts
 from eemllm_models.apply import applied_plan
 from eemllm_models.machine import describe
 from eemllm_models.plan import n_decoder_layers
@@ -141,11 +142,7 @@ def _encode(model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[
     batches = []
     for start in range(0, len(questions), batch_size):
         prompts = [build_prompt(processor, q) for q in questions[start:start + batch_size]]
-        batch = processor(images=list(images[start:start + batch_size]), text=prompts, return_tensors="pt",
-                          padding=True, padding_side="left").to(model.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        batches.append(dict(batch))
+        batches.append(dict(encode_prompts(model, processor, images[start:start + batch_size], prompts, "left")))
     return batches
 
 

@@ -32,6 +32,7 @@ from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, Stoppin
 
 from eemllm_models import EfficiencyPlan, apply_plan, build_prompt, load_default, load_model, load_pruned
 from eemllm_models.apply import CONFIG_KEY
+from eemllm_models.generation import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +195,7 @@ class EemllmLlava(lmms):
         return build_prompt(self.processor, context, 0 if in_text else n_images)
 
     def _encode(self, prompts: list[str], images: list[Image.Image]):
-        batch = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
-        batch = batch.to(self.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return batch
+        return encode_prompts(self.model, self.processor, images or None, prompts)
 
     @torch.inference_mode()
     def generate_until(self, requests: list[Instance]) -> list[str]:

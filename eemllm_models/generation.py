@@ -16,6 +16,18 @@ def build_prompt(processor: ProcessorMixin, question: str, n_images: int = 1) ->
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def encode_prompts(model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image] | None,
+                   prompts: Sequence[str], padding_side: str | None = None):
+    """``processor`` output for ``prompts`` and their ``images``, padded (on ``padding_side``, default the
+    tokenizer's), on ``model``'s device with pixel inputs in its dtype: ``input_ids`` ``[batch, seq]``, ..."""
+    side = {} if padding_side is None else {"padding_side": padding_side}
+    batch = processor(images=None if images is None else list(images), text=list(prompts), return_tensors="pt",
+                      padding=True, **side).to(model.device)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch
+
+
 @torch.inference_mode()
 def generate_answers(
     model: PreTrainedModel,
@@ -37,10 +49,7 @@ def generate_answers(
     starts = range(0, len(questions), batch_size)
     for start in tqdm(starts, desc="answering", unit="batch", disable=not progress or len(starts) < 2):
         prompts = [build_prompt(processor, q) for q in questions[start : start + batch_size]]
-        batch = processor(images=list(images[start : start + batch_size]), text=prompts,
-                          return_tensors="pt", padding=True).to(model.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        batch = encode_prompts(model, processor, images[start : start + batch_size], prompts)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         answers += [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1] :],
                                                                skip_special_tokens=True)]

@@ -11,8 +11,7 @@ where it stopped without losing or double-counting samples.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
 from eemllm_models import build_prompt
+from eemllm_models.generation import encode_prompts
 from eemllm_models.families import family_of
 from eemllm_models.files import atomic_write, atomic_write_text
 
@@ -115,17 +115,6 @@ class ProbeInputs:
         return self.prompt_template.replace("{question}", question)
 
 
-@contextmanager
-def _left_padding(processor: ProcessorMixin) -> Iterator[None]:
-    tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = side
-
-
 def encode(model: PreTrainedModel, processor: ProcessorMixin, spec: ProbeInputs, rows: Sequence[int]) -> PromptedBatch:
     """Encode dataset ``rows`` as one left-padded batch with the positions the probe reads."""
     records = spec.dataset.select(rows)
@@ -137,11 +126,7 @@ def encode(model: PreTrainedModel, processor: ProcessorMixin, spec: ProbeInputs,
         n_answer = [len(tokenize(t)["input_ids"]) - len(tokenize(p)["input_ids"]) for t, p in zip(texts, prompts)]
     else:
         texts, n_answer = prompts, [1] * len(prompts)
-    with _left_padding(processor):
-        inputs = processor(images=list(records[spec.image_column]), text=texts, return_tensors="pt", padding=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = dict(encode_prompts(model, processor, records[spec.image_column], texts, "left"))
     width = inputs["input_ids"].shape[1]
     most = max(n_answer)
     slot = torch.arange(most)
