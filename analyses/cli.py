@@ -228,31 +228,13 @@ def _load(args: argparse.Namespace):
     directory (``eemllm prune``) comes with its plan applied."""
     import torch
 
-    from eemllm_models import load_default, load_model, load_pruned
+    from eemllm_models import load_checkpoint
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    dtype = getattr(torch, args.dtype)
     device_map = "auto" if args.device == "auto" else None
-    if args.model == "default":
-        model, processor = load_default(dtype)
-    elif _is_pruned(Path(args.model)):
-        from transformers import AutoProcessor
-
-        model, _ = load_pruned(args.model, dtype=dtype, device_map=device_map)
-        processor = AutoProcessor.from_pretrained(args.model)
-    else:
-        model, processor = load_model(args.model, dtype=dtype, device_map=device_map)
+    model, processor = load_checkpoint(args.model, getattr(torch, args.dtype), device_map)
     return (model, processor) if device_map else (model.to(args.device), processor)
-
-
-def _is_pruned(path: Path) -> bool:
-    import json
-
-    from eemllm_models.apply import CONFIG_KEY
-
-    config = path / "config.json"
-    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
 
 
 def _plan_for(model, plan: str | None):
@@ -265,7 +247,7 @@ def _plan_for(model, plan: str | None):
         raise ValueError("--model is a pruned model that runs its own plan; drop --plan, or pass the original model")
     if plan is None:
         return EfficiencyPlan.uniform(model, "full")
-    return EfficiencyPlan.load(plan) if Path(plan).is_file() else EfficiencyPlan.preset(plan)
+    return EfficiencyPlan.resolve(plan)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +27,10 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, ProcessorMixin, StoppingCriteria, StoppingCriteriaList
 
-from eemllm_models import EfficiencyPlan, apply_plan, build_prompt, load_default, load_model, load_pruned
-from eemllm_models.apply import CONFIG_KEY
+from eemllm_models import EfficiencyPlan, apply_plan, build_prompt, is_pruned, load_checkpoint
+from eemllm_models.apply import applied_plan
 from eemllm_models.generation import encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -49,13 +48,6 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{EemllmLlava.__name__}")
 
 
-def resolve_plan(plan: str | os.PathLike | EfficiencyPlan | None) -> EfficiencyPlan | None:
-    """``plan`` as an :class:`EfficiencyPlan`: a plan JSON file, a preset (``shortv:llava-1.5-7b``), or None."""
-    if plan is None or isinstance(plan, EfficiencyPlan):
-        return plan
-    return EfficiencyPlan.load(plan) if Path(plan).is_file() else EfficiencyPlan.preset(str(plan))
-
-
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -63,11 +55,6 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype; pass e.g. dtype=float32, bfloat16, float16 or auto")
     return resolved
-
-
-def _carried_plan(pretrained: str) -> bool:
-    config = Path(pretrained).expanduser() / "config.json"
-    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
 
 
 def load_for_lmms(pretrained: str, plan: str | os.PathLike | EfficiencyPlan | None = None,
@@ -80,20 +67,15 @@ def load_for_lmms(pretrained: str, plan: str | os.PathLike | EfficiencyPlan | No
     (whose plan is applied; naming another ``plan`` for it is an error).
     """
     dtype = _torch_dtype(dtype)
-    chosen = resolve_plan(plan)
-    if pretrained == "default":
-        model, processor = load_default(torch.float32 if dtype == "auto" else dtype)
-    elif _carried_plan(pretrained):
-        if chosen is not None:
-            raise ValueError(f"{pretrained} is a pruned model that carries its own plan; drop plan= from "
-                             "--model_args, or load the unpruned model to apply another plan")
-        model, carried = load_pruned(pretrained, dtype, device_map, implementation)
-        return model, AutoProcessor.from_pretrained(str(Path(pretrained).expanduser())), carried
-    else:
-        model, processor = load_model(pretrained, dtype, device_map, attn_implementation)
+    chosen = plan if plan is None or isinstance(plan, EfficiencyPlan) else EfficiencyPlan.resolve(plan)
+    if is_pruned(pretrained) and chosen is not None:
+        raise ValueError(f"{pretrained} is a pruned model that carries its own plan; drop plan= from "
+                         "--model_args, or load the unpruned model to apply another plan")
+    model, processor = load_checkpoint(pretrained, dtype, device_map, attn_implementation, implementation)
     if chosen is not None:
         apply_plan(model, chosen, implementation)
-    return model, processor, chosen
+    carried = applied_plan(model)
+    return model, processor, carried.plan if carried else None
 
 
 def generation_settings(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

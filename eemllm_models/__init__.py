@@ -5,7 +5,7 @@ from .generation import build_prompt, generate_answers
 from .layout import TokenLayout
 from .loading import ModelLoadError, load_model
 from .plan import MODES, EfficiencyPlan
-from .pruned import load_pruned, save_pruned
+from .pruned import is_pruned, load_checkpoint, load_pruned, save_pruned
 from .zoo import default_model_path, load_default
 from .zoo.shapes_vqa import load_shapes_vqa
 
@@ -20,6 +20,8 @@ __all__ = [
     "build_prompt",
     "default_model_path",
     "generate_answers",
+    "is_pruned",
+    "load_checkpoint",
     "load_default",
     "load_model",
     "load_pruned",

@@ -94,6 +94,11 @@ class EfficiencyPlan:
         return cls.from_layers(n_layers, layers, "frozen", model=model, policy="shortv-paper",
                                source="ShortV (arXiv 2504.00502), published frozen layers")
 
+    @classmethod
+    def resolve(cls, spec: str | os.PathLike) -> EfficiencyPlan:
+        """A plan named by ``spec``: a plan JSON file, or else a preset name (``shortv:llava-1.5-7b``)."""
+        return cls.load(spec) if Path(spec).is_file() else cls.preset(str(spec))
+
     @property
     def n_layers(self) -> int:
         return len(self.modes)

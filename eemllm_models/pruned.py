@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from .apply import CONFIG_KEY, apply_plan, applied_plan
 from .loading import load_model, write_checksums
@@ -67,3 +68,24 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str = torch.float3
     delattr(model.config, CONFIG_KEY)
     apply_plan(model, plan, implementation)
     return model, plan
+
+
+def is_pruned(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by :func:`save_pruned` (its ``config.json`` carries a plan)."""
+    config = Path(path).expanduser() / "config.json"
+    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                    device_map: str | dict | None = None, attn_implementation: str | None = None,
+                    implementation: str = "fast") -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model and processor of ``default`` (the embedded model), a pruned folder (its plan applied)
+    or any other model folder or hub name (:func:`~eemllm_models.load_model`)."""
+    if str(name_or_path) == "default":
+        from .zoo import load_default
+
+        return load_default(torch.float32 if dtype == "auto" else dtype)
+    if is_pruned(name_or_path):
+        model, _ = load_pruned(name_or_path, dtype, device_map, implementation)
+        return model, AutoProcessor.from_pretrained(str(Path(name_or_path).expanduser()))
+    return load_model(name_or_path, dtype, device_map, attn_implementation)
