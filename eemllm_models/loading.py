@@ -41,6 +41,14 @@ def write_checksums(path: Path) -> None:
     (path / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
+def save_model_dir(model: PreTrainedModel, processor: ProcessorMixin | None, path: Path) -> None:
+    """Save ``model`` (safetensors), its ``processor`` if given, and the weights' checksums into ``path``."""
+    model.save_pretrained(path, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(path)
+    write_checksums(path)
+
+
 def check_model_dir(path: Path, fix: str) -> None:
     """Raise :class:`ModelLoadError` unless ``path`` holds a complete, readable safetensors model.
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from .apply import CONFIG_KEY, apply_plan, applied_plan
-from .loading import load_model, write_checksums
+from .files import atomic_write_dir
+from .loading import load_model, save_model_dir
 from .plan import EfficiencyPlan, n_decoder_layers
 
 
@@ -28,25 +27,10 @@ def save_pruned(model: PreTrainedModel, plan: EfficiencyPlan, path: str | os.Pat
     plan.check_layers(n_decoder_layers(model), type(model).__name__)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     previous = getattr(model.config, CONFIG_KEY, None)
     try:
         setattr(model.config, CONFIG_KEY, plan.to_dict())
-        model.save_pretrained(tmp, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        write_checksums(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_dir(path, lambda tmp: save_model_dir(model, processor, tmp))
     finally:
         if previous is None and applied_plan(model) is None:
             delattr(model.config, CONFIG_KEY)

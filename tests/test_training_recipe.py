@@ -1,40 +1,119 @@
 import numpy as np
+import pytest
 import torch
 
 from eemllm_models.generation import build_prompt
 from eemllm_models.zoo import build, shapes_vqa
-from eemllm_models.zoo.train import EarlyExit, Encoder, GuidedAttention, _patch_cells, _pixel_values
+from eemllm_models.zoo.train import (
+    ABSENT,
+    GATHER_LAYER,
+    LETTER_LAYER,
+    LOOKUP_LAYER,
+    MATCH_LAYER,
+    AuxHeads,
+    Encoder,
+    Guide,
+    Taps,
+    _patch_cells,
+    _pixel_values,
+    readout_loss,
+)
 
 
-def test_first_turn_of_a_training_sequence_is_the_benchmark_prompt():
-    processor = build.build_processor()
+@pytest.fixture(scope="module")
+def processor():
+    return build.build_processor()
+
+
+def test_first_turn_of_a_training_sequence_is_the_benchmark_prompt(processor):
     encoder = Encoder(processor, n_image_tokens=100)
     scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", 0))
-    ids, labels, targets = encoder.sequence(scene, np.random.default_rng(0))
+    ids, labels, turns = encoder.sequence(scene, np.random.default_rng(0))
     first_answer = next(i for i, label in enumerate(labels) if label != -100)
     first_question = next(q for q in scene.questions if q.answer == processor.tokenizer.decode(ids[first_answer]))
     prompt = processor(images=[scene.image], text=[build_prompt(processor, first_question.question)])
     assert ids[:first_answer] == prompt["input_ids"][0]
-    assert len(targets) == len(scene.questions)
-    assert {t[3] for t in targets} == {0, 1}
-    for position, *_ in targets:  # each target is the position that predicts an answer token
+    assert len(turns) == len(scene.questions)
+    for turn in turns:  # each turn's answer position predicts an answer token
+        position = turn.answer_position
         assert labels[position] == -100 and labels[position + 1] == ids[position + 1]
 
 
-def test_pixel_values_match_the_processor():
-    processor = build.build_processor()
+def test_step_targets_name_the_right_words_cells_and_options(processor):
+    checked = set()
+    for index in range(30):
+        scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", index))
+        encoder = Encoder(processor, n_image_tokens=100)
+        order = np.random.default_rng(index).permutation(len(scene.questions))
+        ids, _, turns = encoder.sequence(scene, np.random.default_rng(index))
+        words = processor.tokenizer.convert_ids_to_tokens(ids)
+        token = processor.tokenizer.convert_ids_to_tokens
+        for turn, q in zip(turns, (scene.questions[i] for i in order), strict=True):
+            mentioned = [words[p] for p, _ in turn.mentions]
+            cells = [c for _, c in turn.mentions]
+            if q.qtype in ("relation", "exists"):
+                named = [w for w in q.question.rstrip("?").split() if w in shapes_vqa.SHAPES]
+                assert mentioned == named
+                assert cells == (list(q.cells) if q.cells else [ABSENT])
+                checked.add(f"{q.qtype}-{'present' if q.cells else 'absent'}")
+            elif q.qtype == "count":
+                assert turn.mentions == [] and turn.direct is None
+            else:
+                assert cells == [q.cells[0]] and mentioned[0] == q.question.split("?")[0].split()[-1]
+            if q.qtype in ("color_at", "shape_at", "read", "exists"):
+                assert token([turn.direct]) == [q.answer]
+            if q.qtype == "mc":
+                truth = q.choices["ABCD".index(q.answer)]
+                assert token([turn.direct]) == [truth] and token([turn.letter]) == [q.answer]
+                assert words[turn.chosen] == truth
+                assert [(words[w], words[x]) for w, x in turn.letters] == list(zip(q.choices, "ABCD", strict=True))
+            else:
+                assert turn.letters == [] and turn.chosen is None
+    assert {"exists-present", "exists-absent", "relation-present"} <= checked
+
+
+def test_pixel_values_match_the_processor(processor):
     scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", 1))
     expected = processor.image_processor(images=[scene.image], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(_pixel_values(scene.image[None]), expected)
 
 
-def test_guided_attention_loss_is_a_finite_cross_entropy():
-    model, processor = build.build_untrained()
+def test_guides_point_at_the_named_cells_patches_or_at_bos(processor):
     encoder = Encoder(processor, n_image_tokens=100)
-    guide = GuidedAttention(model, 2, image_start=3, patch_cells=_patch_cells())
-    exits = [EarlyExit(model, 2, single_hop_only=True), EarlyExit(model, 6, single_hop_only=False)]
+    scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", i)) for i in range(3)]
+    batch = encoder.batch(scenes, np.random.default_rng(0))
+    patch_cells = _patch_cells()
+    lookups = batch["guides"][:, 1] == LOOKUP_LAYER
+    assert len(batch["mention_cells"]) == lookups.sum()
+    for (b, position, cell), keys in zip(batch["mention_cells"], batch["guide_keys"][lookups], strict=True):
+        wanted = keys.nonzero().flatten()
+        if cell == ABSENT:
+            assert wanted.tolist() == [0]
+        else:
+            assert (patch_cells[wanted - encoder.image_start] == cell).all()
+            assert len(wanted) == (patch_cells == cell).sum()
+    queries_before_keys = batch["guide_keys"].float().argmax(1) < batch["guides"][:, 3]
+    assert queries_before_keys.all()  # every guide can be met under the causal mask
+    assert set(batch["guides"][:, 1].tolist()) == {LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER}
+
+
+def test_step_losses_are_finite_cross_entropies_with_gradients(processor):
+    model, _ = build.build_untrained()
+    encoder = Encoder(processor, n_image_tokens=100)
+    taps = Taps(model, {LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER})
+    aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", i)) for i in range(2)]
     batch = encoder.batch(scenes, np.random.default_rng(0))
     model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
-    for loss in (guide.loss(batch["targets"]), *(e.loss(batch["targets"], batch["input_ids"]) for e in exits)):
+    taps.remove()
+    losses = [
+        Guide(model, taps).loss(batch["guides"], batch["guide_keys"]),
+        readout_loss(model, taps, batch["readouts"]),
+        aux.mention_loss(taps.outputs[LOOKUP_LAYER], batch["mention_cells"]),
+    ]
+    for loss in losses:
         assert torch.isfinite(loss) and 0 < loss.item() < 10
+    sum(losses).backward()
+    attention = model.model.language_model.layers
+    for index in (LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER):
+        assert attention[index].self_attn.q_proj.weight.grad.abs().sum() > 0

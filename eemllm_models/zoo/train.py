@@ -1,7 +1,7 @@
 """Training recipe of the embedded default model: ``python -m eemllm_models.zoo.train --out DIR``.
 
 Seeded and reproducible for a given thread count. What makes a 5M-parameter LLaVA learn
-shapes-vqa in under an hour on two CPU cores:
+shapes-vqa, multi-step questions included, in about an hour on two CPU cores:
 
 * **Every question of a scene in one sequence.** A training sequence is a multi-turn
   conversation ``USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...`` over all
@@ -12,15 +12,25 @@ shapes-vqa in under an hour on two CPU cores:
   linear heads (dropped after training) predict, for each patch, the content of its grid cell
   (colour-shape pair, character or empty) and the cell's index. It trains the tower and gives
   every visual token a position-aware, object-aware feature long before the LM loss alone would.
-* **Guided attention and an early read-out.** Two heads of one early decoder layer are taught
-  where to look: at the position that predicts an answer, head 0 should attend to the visual
-  tokens of the first grid cell the question is about and head 1 to those of the last (a
-  cross-entropy on their attention distribution). For single-hop questions (colour, shape or
-  character of one cell) the model's own final norm and ``lm_head`` must also read the answer off
-  that layer's output (an early-exit loss). Without these a from-scratch decoder spends the hour
-  attending uniformly to the 100 visual tokens and learns only what a uniform average answers
-  (counting): a linear probe found the colour of the asked cell perfectly in the visual tokens
-  but not at the answer position.
+* **Each reasoning step supervised where it happens.** Left alone, a from-scratch decoder
+  attends uniformly to the 100 visual tokens for the whole hour and learns only what a uniform
+  average answers (counting); questions that need a look-up followed by a comparison stay at
+  chance. So a cross-entropy on the attention distribution of a few heads (:class:`Guide`)
+  spells out one circuit, step by step:
+
+  1. ``LOOKUP_LAYER``: every *mention* (the word that ends "the red circle", "the top left",
+     "written in the image") attends to the visual tokens of the grid cell it names, or to
+     ``<s>`` when the scene has no such object; a linear head reads the cell (or "absent") off
+     the mention's output.
+  2. ``GATHER_LAYER``: the position that predicts the answer attends to the question's first
+     and last mention; the model's own final norm and ``lm_head`` must read single-step answers
+     (colour, shape, character, yes/no, and the value a multiple-choice question asks for) off
+     this layer's output.
+  3. ``LETTER_LAYER`` and ``MATCH_LAYER`` (multiple choice): each option's word attends to its
+     letter; the answer position attends to the option whose word is the looked-up value, and
+     the letter is read off ``MATCH_LAYER``'s output.
+
+  Relations (compare two looked-up cells) and counting are left to the remaining layers.
 * **Fresh scenes every step** from the train split's seed stream (rendering costs ~2% of a
   step), AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on CPUs that
   have bf16 instructions.
@@ -32,6 +42,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +52,15 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from ..generation import generate_answers
-from ..loading import write_checksums
+from ..files import atomic_write_dir, atomic_write_text
+from ..loading import save_model_dir
 from ..machine import cpu_name
 from . import build, shapes_vqa
 
 
-SINGLE_HOP = ("color_at", "shape_at", "read")
+LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER = 1, 2, 4, 6
+ABSENT = shapes_vqa.GRID * shapes_vqa.GRID  # "no such object": the mention attends to <s>
+DIRECT = ("color_at", "shape_at", "read", "exists")  # answered by one look-up
 
 
 def _pixel_values(images: np.ndarray) -> torch.Tensor:
@@ -65,8 +79,32 @@ def _patch_cells() -> torch.Tensor:
     return torch.from_numpy((cell_of[:, None] * shapes_vqa.GRID + cell_of[None, :]).reshape(-1))
 
 
+def mentions(question: shapes_vqa.Question, words: list[str]) -> list[tuple[int, int]]:
+    """``(word index, cell)`` of each object or place ``question`` names, in order; cell ``ABSENT``
+    for an object the scene lacks. ``words`` are the question's tokens."""
+    if question.qtype in ("relation", "exists"):
+        objects = [i for i in range(1, len(words)) if words[i] in shapes_vqa.SHAPES
+                   and words[i - 1] in shapes_vqa.COLORS]
+        return list(zip(objects, question.cells or (ABSENT,), strict=True))
+    if question.cells:  # color_at, shape_at, read, mc: the word before the first "?" names the cell
+        return [(words.index("?") - 1, question.cells[0])]
+    return []
+
+
+@dataclass
+class Turn:
+    """Supervision of one question turn, positions in the whole sequence."""
+
+    answer_position: int  # the position that predicts the answer's first token
+    mentions: list[tuple[int, int]]  # (position, cell or ABSENT)
+    direct: int | None = None  # token the GATHER_LAYER read-out must give, if any
+    letters: list[tuple[int, int]] = field(default_factory=list)  # mc: (option word, its letter) positions
+    chosen: int | None = None  # mc: position of the right option's word
+    letter: int | None = None  # mc: token of the right letter
+
+
 class Encoder:
-    """Turns scenes into padded multi-turn training sequences with answer-token labels."""
+    """Turns scenes into padded multi-turn training sequences with answer labels and step targets."""
 
     def __init__(self, processor: LlavaProcessor, n_image_tokens: int):
         tok = processor.tokenizer
@@ -76,59 +114,97 @@ class Encoder:
         self.n_image_tokens = n_image_tokens
         self.user = tok("USER:", add_special_tokens=False)["input_ids"]
         self.assistant = tok("ASSISTANT:", add_special_tokens=False)["input_ids"]
+        self.image_start = 1 + len(self.user)  # <s> USER: <image>...
 
-    def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator
-                 ) -> tuple[list[int], list[int], list[tuple[int, int, int, int]]]:
-        """Token ids, labels (``-100`` where no loss) and attention targets of one conversation.
-
-        A target ``(query_position, first_cell, last_cell, single_hop)`` names the position that
-        predicts an answer, the grid cells its question is about (-1: none) and whether one cell
-        answers it.
-        """
+    def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator) -> tuple[list[int], list[int], list[Turn]]:
+        """Token ids, labels (``-100`` where no loss) and per-turn step targets of one conversation."""
         ids = [self.bos, *self.user, *([self.image] * self.n_image_tokens)]
         labels = [-100] * len(ids)
-        targets = []
+        turns = []
         for k, qi in enumerate(rng.permutation(len(scene.questions))):
             q = scene.questions[qi]
-            prompt = ([] if k == 0 else self.user) + self.tok(q.question, add_special_tokens=False)["input_ids"]
+            question = self.tok(q.question, add_special_tokens=False)["input_ids"]
+            words = self.tok.convert_ids_to_tokens(question)
             answer = self.tok(q.answer, add_special_tokens=False)["input_ids"]
-            ids += prompt + self.assistant
-            cells = (q.cells[0], q.cells[-1]) if q.cells else (-1, -1)
-            targets.append((len(ids) - 1, *cells, int(q.qtype in SINGLE_HOP)))
+            offset = len(ids) + (0 if k == 0 else len(self.user))
+            ids += ([] if k == 0 else self.user) + question + self.assistant
+            turn = Turn(len(ids) - 1, [(offset + i, cell) for i, cell in mentions(q, words)])
+            if q.qtype in DIRECT:
+                turn.direct = answer[0]
+            if q.qtype == "mc":
+                letter_at = {words[i]: i for i in range(len(words) - 1) if words[i + 1] == "." and words[i] in
+                             shapes_vqa.MC_LETTERS}
+                truth = q.choices[shapes_vqa.MC_LETTERS.index(q.answer)]
+                turn.direct, turn.letter = self.tok.convert_tokens_to_ids(truth), answer[0]
+                turn.letters = [(offset + letter_at[x] + 2, offset + letter_at[x]) for x in shapes_vqa.MC_LETTERS]
+                turn.chosen = offset + letter_at[q.answer] + 2
+            turns.append(turn)
             ids += answer + [self.eos]
-            labels += [-100] * (len(prompt) + len(self.assistant)) + answer + [self.eos]
-        return ids, labels, targets
+            labels += [-100] * (len(ids) - len(labels) - len(answer) - 1) + answer + [self.eos]
+        return ids, labels, turns
 
     def batch(self, scenes: list[shapes_vqa.Scene], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, pixels, cell
-        labels ``[B, 9]`` and attention targets ``[N, 5]`` rows of ``(batch, query_position, cell, cell,
-        single_hop)``."""
+        labels ``[B, 9]``, guides (:meth:`Guide.loss`), read-outs ``[M, 4]`` rows of
+        ``(batch, layer, position, token)`` and mention cells ``[K, 3]`` rows of ``(batch, position, cell)``."""
         seqs = [self.sequence(s, rng) for s in scenes]
         width = max(len(ids) for ids, _, _ in seqs)
         ids = torch.full((len(seqs), width), self.pad)
         labels = torch.full((len(seqs), width), -100)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, (i, l, _) in enumerate(seqs):
-            ids[b, : len(i)], labels[b, : len(l)], mask[b, : len(i)] = torch.tensor(i), torch.tensor(l), 1
+        guides: list[tuple[int, int, int, int]] = []  # (batch, layer, head, query position)
+        keys: list[torch.Tensor] = []  # [T] bool: the keys each guided query should attend to
+        readouts, cells = [], []
+        visual = torch.arange(self.image_start, self.image_start + self.n_image_tokens)
+        patch_cells = _patch_cells()
+
+        def guide(b: int, layer: int, head: int, query: int, targets: torch.Tensor | list[int]) -> None:
+            wanted = torch.zeros(width, dtype=torch.bool)
+            wanted[targets] = True
+            guides.append((b, layer, head, query))
+            keys.append(wanted)
+
+        for b, (seq_ids, seq_labels, turns) in enumerate(seqs):
+            n = len(seq_ids)
+            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(seq_ids), torch.tensor(seq_labels), 1
+            for turn in turns:
+                for position, cell in turn.mentions:
+                    guide(b, LOOKUP_LAYER, 0, position, [0] if cell == ABSENT else visual[patch_cells == cell])
+                    cells.append((b, position, cell))
+                if turn.mentions:
+                    for head, (position, _) in enumerate((turn.mentions[0], turn.mentions[-1])):
+                        guide(b, GATHER_LAYER, head, turn.answer_position, [position])
+                if turn.direct is not None:
+                    readouts.append((b, GATHER_LAYER, turn.answer_position, turn.direct))
+                for word, letter in turn.letters:
+                    guide(b, LETTER_LAYER, 0, word, [letter])
+                if turn.chosen is not None:
+                    guide(b, MATCH_LAYER, 0, turn.answer_position, [turn.chosen])
+                    readouts.append((b, MATCH_LAYER, turn.answer_position, turn.letter))
         return {
-            "targets": torch.tensor([(b, *t) for b, (_, _, ts) in enumerate(seqs) for t in ts]),
             "input_ids": ids,
             "labels": labels,
             "attention_mask": mask,
             "pixel_values": _pixel_values(np.stack([s.image for s in scenes])),
             "cells": torch.from_numpy(np.stack([s.cell_labels() for s in scenes])),
+            "guides": torch.tensor(guides),
+            "guide_keys": torch.stack(keys),
+            "readouts": torch.tensor(readouts),
+            "mention_cells": torch.tensor(cells),
         }
 
 
 class AuxHeads(torch.nn.Module):
-    """Per-patch cell-content and cell-index classifiers on the projector's input features."""
+    """Dropped after training: per-patch cell-content and cell-index classifiers on the projector's
+    input features, and the mention read-out (cell or ``ABSENT``) on ``LOOKUP_LAYER``'s output."""
 
-    def __init__(self, width: int):
+    def __init__(self, vision_width: int, text_width: int):
         super().__init__()
-        self.content = torch.nn.Linear(width, shapes_vqa.N_CELL_LABELS)
-        self.cell = torch.nn.Linear(width, shapes_vqa.GRID * shapes_vqa.GRID)
+        self.content = torch.nn.Linear(vision_width, shapes_vqa.N_CELL_LABELS)
+        self.cell = torch.nn.Linear(vision_width, shapes_vqa.GRID * shapes_vqa.GRID)
+        self.mention = torch.nn.Linear(text_width, ABSENT + 1)
 
-    def loss(self, features: torch.Tensor, cells: torch.Tensor, patch_cells: torch.Tensor) -> torch.Tensor:
+    def patch_loss(self, features: torch.Tensor, cells: torch.Tensor, patch_cells: torch.Tensor) -> torch.Tensor:
         """features ``[B, P, D]``, cells ``[B, 9]`` content ids, patch_cells ``[P]``."""
         content_target = cells[:, patch_cells]  # [B, P]
         cell_target = patch_cells.expand(features.shape[0], -1)
@@ -136,64 +212,83 @@ class AuxHeads(torch.nn.Module):
         cell = F.cross_entropy(self.cell(features).flatten(0, 1).float(), cell_target.flatten())
         return content + cell
 
+    def mention_loss(self, hidden: torch.Tensor, mention_cells: torch.Tensor) -> torch.Tensor:
+        """hidden ``[B, T, D]`` (``LOOKUP_LAYER``'s output), mention_cells ``[K, 3]``."""
+        b, pos, cell = mention_cells.unbind(1)
+        return F.cross_entropy(self.mention(hidden[b, pos]).float(), cell)
 
-class GuidedAttention:
-    """Cross-entropy that teaches heads 0 and 1 of decoder layer ``layer`` where to look.
 
-    A forward pre-hook keeps the layer's input; :meth:`loss` recomputes those heads' queries at
-    the target positions and their keys, so the model's own attention code is untouched.
+class Taps:
+    """Forward hooks that keep the input (hidden states, rotary tables) and output of some decoder layers."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, layers: set[int]):
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        decoder = model.model.language_model.layers
+        self.handles = []
+        for index in layers:
+            self.handles.append(decoder[index].register_forward_pre_hook(self._keep_input(index), with_kwargs=True))
+            self.handles.append(decoder[index].register_forward_hook(self._keep_output(index)))
+
+    def _keep_input(self, index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[index] = (hidden, *kwargs["position_embeddings"])
+        return hook
+
+    def _keep_output(self, index: int):
+        def hook(module, args, output):
+            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class Guide:
+    """Cross-entropy that teaches chosen heads of chosen decoder layers where to attend.
+
+    It recomputes those heads' queries at the guided positions and their keys from the layers'
+    inputs (kept by :class:`Taps`), so the model's own attention code is untouched.
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, layer: int, image_start: int, patch_cells: torch.Tensor):
-        self.layer = model.model.language_model.layers[layer]
-        self.image_start, self.patch_cells = image_start, patch_cells
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.handle = self.layer.register_forward_pre_hook(self._keep, with_kwargs=True)
+    def __init__(self, model: LlavaForConditionalGeneration, taps: Taps):
+        self.layers, self.taps = model.model.language_model.layers, taps
 
-    def _keep(self, module, args, kwargs):
-        self.inputs["hidden"] = args[0] if args else kwargs["hidden_states"]
-        self.inputs["cos"], self.inputs["sin"] = kwargs["position_embeddings"]
-
-    def loss(self, targets: torch.Tensor) -> torch.Tensor:
-        """targets ``[N, 5]``: ``(batch, query_position, cell_head0, cell_head1, single_hop)``; cell -1: none."""
+    def loss(self, guides: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Mean of ``-log`` (attention mass on the wanted keys) over guides ``[N, 4]`` rows of
+        ``(batch, layer, head, query_position)``; keys ``[N, T]`` bool marks the wanted keys."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        targets = targets[targets[:, 2] >= 0]
-        attn = self.layer.self_attn
-        x = self.layer.input_layernorm(self.inputs["hidden"])  # [B, T, D]
-        b, t = x.shape[:2]
-        d = attn.head_dim
-        q = attn.q_proj(x).view(b, t, -1, d)[:, :, :2].transpose(1, 2)  # [B, 2, T, d]
-        k = attn.k_proj(x).view(b, t, -1, d)[:, :, :2].transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, self.inputs["cos"], self.inputs["sin"])
-        rows, pos = targets[:, 0], targets[:, 1]
-        scores = torch.einsum("nhd,nhtd->nht", q[rows, :, pos], k[rows]).float() * attn.scaling  # [N, 2, T]
-        keys = torch.arange(t)
-        scores = scores.masked_fill((keys[None, :] > pos[:, None])[:, None], float("-inf"))
-        cell_of_key = torch.full((t,), -1)
-        cell_of_key[self.image_start : self.image_start + len(self.patch_cells)] = self.patch_cells
-        wanted = cell_of_key[None, None, :] == targets[:, 2:4, None]  # [N, 2, T]
-        log_total = scores.logsumexp(-1)
-        log_wanted = scores.masked_fill(~wanted, float("-inf")).logsumexp(-1)
-        return (log_total - log_wanted).mean()
+        total = []
+        for index in guides[:, 1].unique().tolist():
+            rows = guides[:, 1] == index
+            b, _, head, pos = guides[rows].unbind(1)
+            layer = self.layers[index]
+            attn = layer.self_attn
+            hidden, cos, sin = self.taps.inputs[index]
+            x = layer.input_layernorm(hidden)  # [B, T, D]
+            t, d = x.shape[1], attn.head_dim
+            q = attn.q_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)  # [B, H, T, d]
+            k = attn.k_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            scores = torch.einsum("nd,ntd->nt", q[b, head, pos], k[b, head]).float() * attn.scaling  # [N, T]
+            scores = scores.masked_fill(torch.arange(t)[None, :] > pos[:, None], float("-inf"))
+            log_wanted = scores.masked_fill(~keys[rows], float("-inf")).logsumexp(-1)
+            total.append(scores.logsumexp(-1) - log_wanted)
+        return torch.cat(total).mean()
 
 
-class EarlyExit:
-    """The answer read off decoder layer ``layer``'s output through the model's final norm and ``lm_head``."""
-
-    def __init__(self, model: LlavaForConditionalGeneration, layer: int, single_hop_only: bool):
-        self.model, self.single_hop_only = model, single_hop_only
-        self.output: dict[str, torch.Tensor] = {}
-        self.handle = model.model.language_model.layers[layer].register_forward_hook(
-            lambda mod, args, out: self.output.__setitem__("out", out))
-
-    def loss(self, targets: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the answer token at targets ``[N, 5]`` (single-hop ones, or all)."""
-        if self.single_hop_only:
-            targets = targets[targets[:, 4] == 1]
-        rows, pos = targets[:, 0], targets[:, 1]
-        hidden = self.model.model.language_model.norm(self.output["out"][rows, pos])
-        return F.cross_entropy(self.model.lm_head(hidden).float(), input_ids[rows, pos + 1])
+def readout_loss(model: LlavaForConditionalGeneration, taps: Taps, readouts: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the token each readout ``[M, 4]`` row ``(batch, layer, position, token)`` wants
+    from that layer's output through the model's own final norm and ``lm_head``."""
+    losses = []
+    for index in readouts[:, 1].unique().tolist():
+        b, _, pos, token = readouts[readouts[:, 1] == index].unbind(1)
+        hidden = model.model.language_model.norm(taps.outputs[index][b, pos])
+        losses.append(F.cross_entropy(model.lm_head(hidden).float(), token, reduction="none"))
+    return torch.cat(losses).mean()
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,14 +306,14 @@ def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, sp
 
 
 def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_weight: float = 1.0,
-          guide_weight: float = 1.0, guide_layer: int = 2, seed: int = 0, eval_every: int = 500,
-          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0,
-          deep_readout_layer: int | None = None) -> dict:
+          guide_weight: float = 1.0, seed: int = 0, eval_every: int = 200, val_rows: int = 350,
+          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0) -> dict:
     """Train the default model and save it (safetensors + processor) to ``out``.
 
     From scratch, or continuing from the model saved in ``init_from`` (a second stage); step
     ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a second stage that
-    starts where the first stopped sees only new scenes.
+    starts where the first stopped sees only new scenes. Every ``eval_every`` steps it measures
+    ``val_rows`` rows of the train split's seed 1 (scenes training never sees) and saves.
     """
     torch.manual_seed(seed)
     if init_from is None:
@@ -226,9 +321,8 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
     else:
         model = LlavaForConditionalGeneration.from_pretrained(init_from)
         processor = LlavaProcessor.from_pretrained(init_from)
-    n_image_tokens = model.config.image_seq_length
-    encoder = Encoder(processor, n_image_tokens)
-    aux = AuxHeads(model.config.vision_config.hidden_size)
+    encoder = Encoder(processor, model.config.image_seq_length)
+    aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     patch_cells = _patch_cells()
     params = [*model.parameters(), *aux.parameters()]
     decay = [p for p in params if p.dim() >= 2]
@@ -243,10 +337,8 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda mod, args, output: features.__setitem__("x", args[0])
     )
-    guide = GuidedAttention(model, guide_layer, image_start=1 + len(encoder.user), patch_cells=patch_cells)
-    exits = [EarlyExit(model, guide_layer, single_hop_only=True)]
-    if deep_readout_layer is not None:
-        exits.append(EarlyExit(model, deep_readout_layer, single_hop_only=False))
+    taps = Taps(model, {LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER})
+    guide = Guide(model, taps)
     data_rng = np.random.default_rng(seed)
     log: list[dict] = []
     start = time.time()
@@ -259,48 +351,47 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                            attention_mask=batch["attention_mask"]).logits
-            lm = _lm_loss(logits, batch["labels"])
-            aux_loss = aux.loss(features["x"], batch["cells"], patch_cells)
-            guide_loss = guide.loss(batch["targets"])
-            readout = sum(e.loss(batch["targets"], batch["input_ids"]) for e in exits)
-        loss = lm + aux_weight * aux_loss + guide_weight * (guide_loss + readout)
+            losses = {
+                "lm": _lm_loss(logits, batch["labels"]),
+                "patch": aux.patch_loss(features["x"], batch["cells"], patch_cells),
+                "mention": aux.mention_loss(taps.outputs[LOOKUP_LAYER], batch["mention_cells"]),
+                "guide": guide.loss(batch["guides"], batch["guide_keys"]),
+                "readout": readout_loss(model, taps, batch["readouts"]),
+            }
+        loss = (losses["lm"] + aux_weight * (losses["patch"] + losses["mention"])
+                + guide_weight * (losses["guide"] + losses["readout"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(lm=f"{lm.item():.3f}", aux=f"{aux_loss.item():.3f}", guide=f"{guide_loss.item():.3f}",
-                        readout=f"{readout.item():.3f}")
+        bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = evaluate(model, processor, "train", n=210, seed=1)
+            acc = evaluate(model, processor, "train", n=val_rows, seed=1)
             model.train()
-            entry = {"step": step + 1, "minutes": (time.time() - start) / 60, "lm": lm.item(),
-                     "aux": aux_loss.item(), "guide": guide_loss.item(), "readout": readout.item(), "val": acc}
+            entry = {"step": step + 1, "minutes": (time.time() - start) / 60,
+                     **{name: value.item() for name, value in losses.items()}, "val": acc}
             log.append(entry)
             tqdm.write(json.dumps(entry))
             _save(model, processor, out)
     hook.remove()
-    for handle in (guide.handle, *(e.handle for e in exits)):
-        handle.remove()
+    taps.remove()
     info = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "aux_weight": aux_weight,
-        "guide_weight": guide_weight, "guide_layer": guide_layer, "seed": seed,
-        "init_from": None if init_from is None else str(init_from), "first_scene": first_scene,
-        "deep_readout_layer": deep_readout_layer,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "aux_weight": aux_weight, "guide_weight": guide_weight,
+        "layers": {"letter": LETTER_LAYER, "lookup": LOOKUP_LAYER, "gather": GATHER_LAYER, "match": MATCH_LAYER},
+        "seed": seed, "init_from": None if init_from is None else str(init_from), "first_scene": first_scene,
         "bf16_autocast": bf16, "minutes": (time.time() - start) / 60, "threads": torch.get_num_threads(),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "log": log,
     }
-    (out / "training_log.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     return info
 
 
 def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Checkpoint into ``out``, replacing the previous checkpoint whole (never a half-written one)."""
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    write_checksums(out)
+    atomic_write_dir(out, lambda tmp: save_model_dir(model, processor, tmp))
 
 
 def write_model_card(out: Path, info: dict) -> None:
@@ -309,7 +400,7 @@ def write_model_card(out: Path, info: dict) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     text, vision = model.config.text_config, model.config.vision_config
-    test = info["test"]
+    test, layers = info["test"], info["layers"]
     rows = "\n".join(
         f"| `{q}` | {test[q]:.1%} | {shapes_vqa.CHANCE[q]:.1%} |" for q in shapes_vqa.QTYPES
     )
@@ -345,8 +436,10 @@ Chance is uniform guessing among the answers each question allows.
 
 `python -m eemllm_models.zoo.train --out DIR` (the recipe is in that module's docstring):
 {info["steps"]} steps of {info["batch_size"]} fresh train-split scenes, each a conversation over all
-seven question types; a dense auxiliary patch objective on the vision features; guided attention
-and an early read-out at decoder layer {info["guide_layer"]}; AdamW, peak learning rate {info["lr"]},
+seven question types; a dense auxiliary patch objective on the vision features; each reasoning step
+supervised in its own layer (guided attention and read-outs: look-up of the named cell at decoder
+layer {layers["lookup"]}, gathering at the answer at layer {layers["gather"]}, multiple-choice letters at layer
+{layers["letter"]} and option matching at layer {layers["match"]}); AdamW, peak learning rate {info["lr"]},
 warm-up and cosine decay, bf16 autocast: {info["bf16_autocast"]}, seed {info["seed"]}.
 It took {info["minutes"]:.0f} minutes on {info["machine"]} (torch {info["torch"]}).
 `training_log.json` holds the validation curve (train-split seed 1).
@@ -354,8 +447,8 @@ It took {info["minutes"]:.0f} minutes on {info["machine"]} (torch {info["torch"]
     weak = [q for q in shapes_vqa.QTYPES if test[q] < shapes_vqa.CHANCE[q] + 0.25]
     if weak:
         card += (f"\n## Limits\n\nStill close to chance (less than 25 points above it): {', '.join(weak)}. "
-                 "These need two reasoning steps after the visual look-up; longer training learns them.\n")
-    (out / "README.md").write_text(card)
+                 "Longer training, or more steps of the recipe's supervision, learns them.\n")
+    atomic_write_text(out / "README.md", card)
 
 
 def main() -> None:
@@ -371,23 +464,20 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=1400, help="test-split rows for the model card")
     parser.add_argument("--init-from", type=Path, default=None, help="continue from the model saved here")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first train-split scene")
-    parser.add_argument("--deep-readout-layer", type=int, default=None,
-                        help="also read every answer off this layer's output (early-exit loss)")
+    parser.add_argument("--val-rows", type=int, default=350, help="validation rows at each evaluation")
     args = parser.parse_args()
     info = train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, eval_every=args.eval_every,
-                 bf16=args.bf16, init_from=args.init_from, first_scene=args.first_scene,
-                 deep_readout_layer=args.deep_readout_layer)
+                 val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from, first_scene=args.first_scene)
     finish(args.out, info, args.test_rows)
 
 
 def finish(out: Path, info: dict, test_rows: int) -> None:
-    """Measure test accuracy of the model saved in ``out``; write its log, model card and checksums."""
+    """Measure test accuracy of the model saved in ``out``; write its training log and model card."""
     model, processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), LlavaProcessor.from_pretrained(out)
     info["test"] = evaluate(model, processor, "test", n=test_rows)
     info["test_rows"] = test_rows
-    (out / "training_log.json").write_text(json.dumps(info, indent=1) + "\n")
+    atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     write_model_card(out, info)
-    write_checksums(out)
     print(json.dumps(info["test"], indent=1))
 
 
