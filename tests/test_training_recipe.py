@@ -10,6 +10,7 @@ from eemllm_models.zoo.train import (
     LETTER_LAYER,
     LOOKUP_LAYER,
     MATCH_LAYER,
+    TAPPED,
     AuxHeads,
     Encoder,
     Guide,
@@ -95,12 +96,18 @@ def test_guides_point_at_the_named_cells_patches_or_at_bos(processor):
     queries_before_keys = batch["guide_keys"].float().argmax(1) < batch["guides"][:, 3]
     assert queries_before_keys.all()  # every guide can be met under the causal mask
     assert set(batch["guides"][:, 1].tolist()) == {LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER}
+    words = [processor.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+    options = batch["readouts"][batch["readouts"][:, 1] == MATCH_LAYER - 1]
+    assert len(options) == 4 * len(scenes)  # every option word must give its letter before matching
+    for b, _, position, token in options.tolist():
+        assert words[b][position] in {*shapes_vqa.COLORS, *shapes_vqa.SHAPES}
+        assert processor.tokenizer.convert_ids_to_tokens(token) == words[b][position - 2] in shapes_vqa.MC_LETTERS
 
 
 def test_step_losses_are_finite_cross_entropies_with_gradients(processor):
     model, _ = build.build_untrained()
     encoder = Encoder(processor, n_image_tokens=100)
-    taps = Taps(model, {LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER})
+    taps = Taps(model, TAPPED)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", i)) for i in range(2)]
     batch = encoder.batch(scenes, np.random.default_rng(0))
