@@ -88,7 +88,8 @@ def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_toke
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         else:
             kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    kwargs.update(past_key_values=DynamicCache(config=model.config.get_text_config(decoder=True)),
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # < 5.24
+    kwargs.update({cache_name: DynamicCache(config=model.config.get_text_config(decoder=True))},
                   use_cache=True, logits_to_keep=1)
     eos = _eos_ids(model)
     if clock.cuda:

@@ -187,4 +187,4 @@ def _mode_forward(layer, original, mode: str, state: _CallState, implementation:
         kwargs["attention_mask"] = args[0]
     if implementation == "reference":
         return reference_forward(layer, original, mode, cache.layout, hidden_states, **kwargs)
-    return fast_forward(layer, mode, cache.layout, cache.split, hidden_states, cache=cache, **kwargs)
+    return fast_forward(layer, mode, cache.layout, cache.split, hidden_states, call_cache=cache, **kwargs)

@@ -428,15 +428,15 @@ class _KeysValues:
     new_value: torch.Tensor
 
 
-def _keys_values(layer, normed: torch.Tensor, rotary: Rotary, past_key_values) -> _KeysValues:
+def _keys_values(layer, normed: torch.Tensor, rotary: Rotary, kv_cache) -> _KeysValues:
     """Keys (rotated) and values of every row of ``normed`` ``[batch, seq, hidden]``, into the KV cache."""
     attn = layer.self_attn
     batch, seq, _ = normed.shape
     new_key = rotary.apply(attn.k_proj(normed).view(batch, seq, -1, attn.head_dim))
     new_value = attn.v_proj(normed).view(batch, seq, -1, attn.head_dim)
     key, value = new_key.transpose(1, 2), new_value.transpose(1, 2)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, attn.layer_idx)
+    if kv_cache is not None:
+        key, value = kv_cache.update(key, value, attn.layer_idx)
     return _KeysValues(key, value, new_key, new_value)
 
 
@@ -462,28 +462,35 @@ def fast_forward(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    past_key_values=None,
-    cache: CallCache | None = None,
+    call_cache: CallCache | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """One decoder layer in ``mode`` (``frozen``, ``naavit`` or ``composite``), doing only the work it needs.
 
-    Keys and values are computed for every row (and go into the KV cache as usual); queries,
-    attention, o_proj and MLP run for the rows ``mode`` keeps. ``cache``: the forward call's
-    :class:`CallCache` (shared by its layers, it lets consecutive frozen layers continue a run);
-    a fresh one for ``layout`` and ``split`` when None. Returns ``[batch, seq, hidden]``.
+    Keys and values are computed for every row (and go into the layer's KV cache as usual);
+    queries, attention, o_proj and MLP run for the rows ``mode`` keeps. ``call_cache``: the forward
+    call's :class:`CallCache` (shared by its layers, it lets consecutive frozen layers continue a
+    run); a fresh one for ``layout`` and ``split`` when None. ``kwargs``: the rest of the layer's
+    keyword arguments (its KV cache among them). Returns ``[batch, seq, hidden]``.
     """
     _check_llama_style(position_embeddings)
-    cache = CallCache(layout, split) if cache is None else cache
+    cache = CallCache(layout, split) if call_cache is None else call_cache
+    kv_cache = layer_kv_cache(kwargs)
     if mode == "frozen":
-        return _frozen_forward(layer, cache, hidden_states, attention_mask, position_embeddings, past_key_values)
+        return _frozen_forward(layer, cache, hidden_states, attention_mask, position_embeddings, kv_cache)
     if mode not in ("naavit", "composite"):
         raise ValueError(f"unknown fast mode {mode!r}")
-    return _visual_forward(layer, mode, cache, hidden_states, attention_mask, position_embeddings, past_key_values)
+    return _visual_forward(layer, mode, cache, hidden_states, attention_mask, position_embeddings, kv_cache)
+
+
+def layer_kv_cache(kwargs: dict):
+    """The KV cache among a decoder layer's keyword arguments: ``cache`` since transformers 5.24,
+    ``past_key_values`` before; None when the call keeps none."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _frozen_forward(layer, cache: CallCache, hidden_states, attention_mask, position_embeddings,
-                    past_key_values) -> torch.Tensor:
+                    kv_cache) -> torch.Tensor:
     """``frozen``: the text rows through the layer, the visual rows unchanged (see the module notes on runs)."""
     attn = layer.self_attn
     other = cache.split.other_rows
@@ -492,7 +499,7 @@ def _frozen_forward(layer, cache: CallCache, hidden_states, attention_mask, posi
     text = run.text if continuing else other.take(hidden_states)
     rotary = cache.rotary(position_embeddings)
     normed = layer.input_layernorm(hidden_states)
-    kv = _keys_values(layer, normed, rotary.all, past_key_values)
+    kv = _keys_values(layer, normed, rotary.all, kv_cache)
     rows = text + attn.o_proj(_other_attention(layer, cache, normed, kv, attention_mask, rotary.other))
     rows = rows + layer.mlp(layer.post_attention_layernorm(rows))
     out = hidden_states if continuing else hidden_states.clone(memory_format=torch.contiguous_format)
@@ -503,13 +510,13 @@ def _frozen_forward(layer, cache: CallCache, hidden_states, attention_mask, posi
 
 
 def _visual_forward(layer, mode: str, cache: CallCache, hidden_states, attention_mask, position_embeddings,
-                    past_key_values) -> torch.Tensor:
+                    kv_cache) -> torch.Tensor:
     """``naavit`` and ``composite``: every row gets its update; visual queries see less (or nothing)."""
     attn = layer.self_attn
     batch, seq, _ = hidden_states.shape
     rotary = cache.rotary(position_embeddings)
     normed = layer.input_layernorm(hidden_states)
-    kv = _keys_values(layer, normed, rotary.all, past_key_values)
+    kv = _keys_values(layer, normed, rotary.all, kv_cache)
     if mode == "naavit" and cache.naavit_kernel != "gather":
         attn_out = _naavit_flex(layer, cache, normed, kv, attention_mask, rotary.all)
     else:
@@ -600,7 +607,7 @@ def reference_forward(
         out = original(hidden_states, attention_mask=attention_mask, **kwargs)
         return torch.where(layout.visual[..., None], hidden_states, out)
     batch, seq, _ = hidden_states.shape
-    past = kwargs.get("past_key_values")
+    past = layer_kv_cache(kwargs)
     keys = seq + (past.get_seq_length(layer.self_attn.layer_idx) if past is not None else 0)
     allowed = allowed_keys(attention_mask, batch, seq, keys, hidden_states.device)
     mask = as_model_mask(mode_mask(mode, layout, allowed), attention_mask, hidden_states.dtype)

@@ -64,7 +64,7 @@ def test_frozen_layer_keeps_visual_rows_and_matches_text_rows(model):
     _logits(model, batch)
     hook.remove()
     hidden = captured["args"][0]
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k != "past_key_values"}
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "cache")}  # KV cache
     layout = token_layout(model, batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         full = layer(hidden, **kwargs)
