@@ -1,7 +1,8 @@
 """Training recipe of the embedded default model: ``python -m eemllm_models.zoo.train --out DIR``.
 
 Seeded and reproducible for a given thread count. What makes a 5M-parameter LLaVA learn
-shapes-vqa, multi-step questions included, in about an hour on two CPU cores:
+shapes-vqa, multi-step questions included, in about 80 minutes on two CPU cores (two stages: the
+second continues from the first's folder with ``--init-from`` on new scenes, see the model card):
 
 * **Every question of a scene in one sequence.** A training sequence is a multi-turn
   conversation ``USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...`` over all
