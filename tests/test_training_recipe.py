@@ -13,10 +13,10 @@ from eemllm_models.zoo.train import (
     TAPPED,
     AuxHeads,
     Encoder,
-    Guide,
     Taps,
     _patch_cells,
     _pixel_values,
+    guide_loss,
     readout_loss,
 )
 
@@ -114,7 +114,7 @@ def test_step_losses_are_finite_cross_entropies_with_gradients(processor):
     model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
     taps.remove()
     losses = [
-        Guide(model, taps).loss(batch["guides"], batch["guide_keys"]),
+        guide_loss(model, taps, batch["guides"], batch["guide_keys"]),
         readout_loss(model, taps, batch["readouts"]),
         aux.mention_loss(taps.outputs[LOOKUP_LAYER], batch["mention_cells"]),
     ]
@@ -124,3 +124,20 @@ def test_step_losses_are_finite_cross_entropies_with_gradients(processor):
     attention = model.model.language_model.layers
     for index in (LETTER_LAYER, LOOKUP_LAYER, GATHER_LAYER, MATCH_LAYER):
         assert attention[index].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_two_stage_run_saves_a_loadable_model_with_its_stages_in_the_card(tmp_path):
+    from eemllm_models import load_model
+    from eemllm_models.zoo.train import finish, train
+
+    first = train(tmp_path / "stage1", steps=2, batch_size=2, eval_every=2, val_rows=7)
+    info = train(tmp_path / "stage2", steps=1, batch_size=2, eval_every=1, val_rows=7, lr=5e-4,
+                 init_from=tmp_path / "stage1", first_scene=4)
+    assert [s["steps"] for s in info["previous_stages"]] == [first["steps"]] and info["first_scene"] == 4
+    finish(tmp_path / "stage2", info, test_rows=7)
+    card = (tmp_path / "stage2" / "README.md").read_text()
+    assert "| 2 | `--steps 1 --lr 0.0005 --init-from STAGE1 --first-scene 4` |" in card
+    assert "| 1 | `--steps 2 --lr 0.001` |" in card
+    model, processor = load_model(tmp_path / "stage2")  # checksums written with the weights
+    assert model.config.text_config.num_hidden_layers == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -16,7 +16,7 @@ second continues from the first's folder with ``--init-from`` on new scenes, see
 * **Each reasoning step supervised where it happens.** Left alone, a from-scratch decoder
   attends uniformly to the 100 visual tokens for the whole hour and learns only what a uniform
   average answers (counting); questions that need a look-up followed by a comparison stay at
-  chance. So a cross-entropy on the attention distribution of a few heads (:class:`Guide`)
+  chance. So a cross-entropy on the attention distribution of a few heads (:func:`guide_loss`)
   spells out one circuit, step by step:
 
   1. ``LOOKUP_LAYER``: every *mention* (the word that ends "the red circle", "the top left",
@@ -150,7 +150,7 @@ class Encoder:
 
     def batch(self, scenes: list[shapes_vqa.Scene], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, pixels, cell
-        labels ``[B, 9]``, guides (:meth:`Guide.loss`), read-outs ``[M, 4]`` rows of
+        labels ``[B, 9]``, guides (:func:`guide_loss`), read-outs ``[M, 4]`` rows of
         ``(batch, layer, position, token)`` and mention cells ``[K, 3]`` rows of ``(batch, position, cell)``."""
         seqs = [self.sequence(s, rng) for s in scenes]
         width = max(len(ids) for ids, _, _ in seqs)
@@ -252,38 +252,34 @@ class Taps:
             handle.remove()
 
 
-class Guide:
-    """Cross-entropy that teaches chosen heads of chosen decoder layers where to attend.
+def guide_loss(model: LlavaForConditionalGeneration, taps: Taps, guides: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy that teaches chosen heads of chosen decoder layers where to attend: the mean of
+    ``-log`` (attention mass on the wanted keys) over guides ``[N, 4]`` rows of
+    ``(batch, layer, head, query_position)``; keys ``[N, T]`` bool marks the wanted keys.
 
-    It recomputes those heads' queries at the guided positions and their keys from the layers'
-    inputs (kept by :class:`Taps`), so the model's own attention code is untouched.
+    It recomputes those heads' queries and keys from the layers' inputs (kept by :class:`Taps`),
+    so the model's own attention code is untouched.
     """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def __init__(self, model: LlavaForConditionalGeneration, taps: Taps):
-        self.layers, self.taps = model.model.language_model.layers, taps
-
-    def loss(self, guides: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Mean of ``-log`` (attention mass on the wanted keys) over guides ``[N, 4]`` rows of
-        ``(batch, layer, head, query_position)``; keys ``[N, T]`` bool marks the wanted keys."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        total = []
-        for index in guides[:, 1].unique().tolist():
-            rows = guides[:, 1] == index
-            b, _, head, pos = guides[rows].unbind(1)
-            layer = self.layers[index]
-            attn = layer.self_attn
-            hidden, cos, sin = self.taps.inputs[index]
-            x = layer.input_layernorm(hidden)  # [B, T, D]
-            t, d = x.shape[1], attn.head_dim
-            q = attn.q_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)  # [B, H, T, d]
-            k = attn.k_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            scores = torch.einsum("nd,ntd->nt", q[b, head, pos], k[b, head]).float() * attn.scaling  # [N, T]
-            scores = scores.masked_fill(torch.arange(t)[None, :] > pos[:, None], float("-inf"))
-            log_wanted = scores.masked_fill(~keys[rows], float("-inf")).logsumexp(-1)
-            total.append(scores.logsumexp(-1) - log_wanted)
-        return torch.cat(total).mean()
+    total = []
+    for index in guides[:, 1].unique().tolist():
+        rows = guides[:, 1] == index
+        b, _, head, pos = guides[rows].unbind(1)
+        layer = model.model.language_model.layers[index]
+        attn = layer.self_attn
+        hidden, cos, sin = taps.inputs[index]
+        x = layer.input_layernorm(hidden)  # [B, T, D]
+        t, d = x.shape[1], attn.head_dim
+        q = attn.q_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)  # [B, H, T, d]
+        k = attn.k_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = torch.einsum("nd,ntd->nt", q[b, head, pos], k[b, head]).float() * attn.scaling  # [N, T]
+        scores = scores.masked_fill(torch.arange(t)[None, :] > pos[:, None], float("-inf"))
+        log_wanted = scores.masked_fill(~keys[rows], float("-inf")).logsumexp(-1)
+        total.append(scores.logsumexp(-1) - log_wanted)
+    return torch.cat(total).mean()
 
 
 def readout_loss(model: LlavaForConditionalGeneration, taps: Taps, readouts: torch.Tensor) -> torch.Tensor:
@@ -344,7 +340,6 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
         lambda mod, args, output: features.__setitem__("x", args[0])
     )
     taps = Taps(model, TAPPED)
-    guide = Guide(model, taps)
     data_rng = np.random.default_rng(seed)
     log: list[dict] = []
     start = time.time()
@@ -361,7 +356,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
                 "lm": _lm_loss(logits, batch["labels"]),
                 "patch": aux.patch_loss(features["x"], batch["cells"], patch_cells),
                 "mention": aux.mention_loss(taps.outputs[LOOKUP_LAYER], batch["mention_cells"]),
-                "guide": guide.loss(batch["guides"], batch["guide_keys"]),
+                "guide": guide_loss(model, taps, batch["guides"], batch["guide_keys"]),
                 "readout": readout_loss(model, taps, batch["readouts"]),
             }
         loss = (losses["lm"] + aux_weight * (losses["patch"] + losses["mention"])

@@ -1,0 +1,33 @@
+import pytest
+
+from eemllm_models.files import atomic_write_dir
+
+
+def _write(files: dict[str, str]):
+    def write(folder):
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    return write
+
+
+def test_atomic_write_dir_replaces_a_folder_whole(tmp_path):
+    target = tmp_path / "model"
+    atomic_write_dir(target, _write({"a.txt": "1", "old.txt": "x"}))
+    atomic_write_dir(target, _write({"a.txt": "2"}))
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert oct((target / "a.txt").stat().st_mode & 0o044) == oct(0o044)  # readable like a plain write
+
+
+def test_atomic_write_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
+    target = tmp_path / "model"
+    atomic_write_dir(target, _write({"a.txt": "1"}))
+
+    def fail(folder):
+        (folder / "a.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_dir(target, fail)
+    assert (target / "a.txt").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
