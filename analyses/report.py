@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +34,7 @@ import xarray as xr
 
 import probes
 from eemllm_models import EfficiencyPlan
-from eemllm_models.files import atomic_write, atomic_write_text, make_readable
+from eemllm_models.files import atomic_write, atomic_write_dir, atomic_write_text
 
 from . import plots
 
@@ -706,26 +704,5 @@ def write_report(inputs: ReportInputs, out: str | os.PathLike, overwrite: bool =
                                                          "figures", *PROBE_FILES.values()}:
             raise ValueError(f"the pruned model path {inputs.pruned_model} collides with the report's own files; "
                              "save the pruned model elsewhere (e.g. OUT/pruned-model)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        _write_contents(inputs, out, staging)
-        make_readable(staging)
-        if not out.exists():
-            os.rename(staging, out)
-            return out / "index.html"
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old)
-        try:
-            os.rename(staging, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if carried is not None and (old / carried).exists():
-        (out / carried).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(old / carried, out / carried)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_dir(out, lambda staging: _write_contents(inputs, out, staging), carry=[carried] if carried else [])
     return out / "index.html"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -33,11 +33,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None],
+                     carry: Sequence[str | os.PathLike] = ()) -> Path:
     """Call ``write(tmp)`` on a temporary folder next to ``path``, then put it in ``path``'s place.
 
     An existing ``path`` is replaced whole, only once ``write`` has succeeded; if ``write`` raises,
-    ``path`` is left as it was.
+    ``path`` is left as it was. ``carry``: paths relative to ``path`` that move from the old folder
+    into the new one (those the old folder has).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,11 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old)
+    for item in map(Path, carry):
+        if (old / item).exists():
+            (path / item).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old / item, path / item)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -31,3 +31,14 @@ def test_atomic_write_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
         atomic_write_dir(target, fail)
     assert (target / "a.txt").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_write_dir_carries_named_paths_from_the_old_folder(tmp_path):
+    target = tmp_path / "report"
+    atomic_write_dir(target, _write({"index.html": "old"}))
+    (target / "models" / "pruned").mkdir(parents=True)
+    (target / "models" / "pruned" / "config.json").write_text("{}")
+    atomic_write_dir(target, _write({"index.html": "new"}), carry=["models/pruned", "absent"])
+    assert (target / "index.html").read_text() == "new"
+    assert (target / "models" / "pruned" / "config.json").read_text() == "{}"
+    assert not (target / "absent").exists() and [p.name for p in tmp_path.iterdir()] == ["report"]
