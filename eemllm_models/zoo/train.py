@@ -317,6 +317,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
     starts where the first stopped sees only new scenes. Every ``eval_every`` steps it measures
     ``val_rows`` rows of the train split's seed 1 (scenes training never sees) and saves.
     """
+    code = _code_version()  # the code that runs, read before a long run during which the checkout may change
     torch.manual_seed(seed)
     if init_from is None:
         model, processor = build.build_untrained(seed)
@@ -383,7 +384,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
         "seed": seed, "init_from": None if init_from is None else str(init_from), "first_scene": first_scene,
         "bf16_autocast": bf16, "minutes": (time.time() - start) / 60, "threads": torch.get_num_threads(),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "code": _code_version(), "log": log,
+        "torch": torch.__version__, "code": code, "log": log,
     }
     previous = None if init_from is None else Path(init_from) / "training_log.json"
     if previous is not None and previous.is_file():
@@ -470,7 +471,7 @@ AdamW with warm-up and cosine decay, bf16 autocast: {info["bf16_autocast"]}, see
 {stage_rows}
 
 {total_minutes:.0f} minutes in all.
-`training_log.json` holds the validation curve (train-split seed 1).
+`training_log.json` holds every stage's validation curve (train-split seed 1).
 """
     weak = [q for q in shapes_vqa.QTYPES if test[q] < shapes_vqa.CHANCE[q] + 0.25]
     if weak:
