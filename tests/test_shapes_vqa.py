@@ -71,7 +71,22 @@ def test_exact_match_normalises_case_and_punctuation():
 
 
 def test_unknown_split_and_bad_size_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown split 'validation'"):
-        load_shapes_vqa("validation", n=2)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_shapes_vqa("dev", n=2)
     with pytest.raises(ValueError, match="non-negative"):
         load_shapes_vqa("test", n=-1)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_train_validation_and_test_are_disjoint_by_id_and_by_scene(seed):
+    splits = {name: load_shapes_vqa(name, n=140, seed=seed) for name in ("train", "validation", "test")}
+    for name, data in splits.items():
+        assert data.split == name and data[0]["id"] == f"{name}-{seed}-0"
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(splits[a]["id"]) & set(splits[b]["id"]), (a, b)
+            assert not set(_image_hashes(splits[a])) & set(_image_hashes(splits[b])), (a, b)
+    validation = splits["validation"]
+    assert sorted(set(validation["qtype"])) == sorted(shapes_vqa.QTYPES)
+    assert validation["question"] == load_shapes_vqa("validation", n=140, seed=seed)["question"]

@@ -17,7 +17,11 @@ mc           colour or shape question with lettered options (MMBench)    A-D (1/
 ===========  ==========================================================  ================
 
 Scene ``i`` of a split is drawn from ``numpy.random.SeedSequence([seed, split_id, i])``, so the
-same ``(split, seed)`` always gives identical data and train and test never share a scene.
+same ``(split, seed)`` always gives identical data and the splits never share a scene:
+
+* ``train``: what the default model learned from, and what the probes measure on;
+* ``validation``: where plans are *chosen* (tolerance-k, greedy, the policy comparison);
+* ``test``: where the chosen plan's final score is *reported*; no choice ever sees it.
 Row ``i`` of :func:`load_shapes_vqa` asks scene ``i`` its question of type ``QTYPES[i % 7]``.
 """
 
@@ -52,7 +56,8 @@ POSITIONS = (
 )
 QTYPES = ("color_at", "shape_at", "count", "relation", "exists", "read", "mc")
 MIN_SHAPES, MAX_SHAPES = 2, 6
-SPLITS = {"train": 1, "test": 2}
+SPLITS = {"train": 1, "test": 2, "validation": 3}
+"""Split name -> the stream id mixed into every scene seed (so the splits draw disjoint scenes)."""
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MC_LETTERS = "ABCD"
 
@@ -67,7 +72,7 @@ CHANCE: dict[str, float] = {
 }
 """Accuracy of uniform guessing among the answers a question of each type allows."""
 
-DEFAULT_SIZES = {"train": 70_000, "test": 1_400}
+DEFAULT_SIZES = {"train": 70_000, "validation": 1_400, "test": 1_400}
 
 
 @dataclass(frozen=True)
@@ -252,12 +257,13 @@ def accuracy(qtypes: Sequence[str], predictions: Sequence[str], answers: Sequenc
 
 
 def load_shapes_vqa(split: str = "test", n: int | None = None, seed: int = 0) -> datasets.Dataset:
-    """Generate the shapes-vqa ``split`` ("train" or "test") as a ``datasets.Dataset``.
+    """Generate the shapes-vqa ``split`` ("train", "validation" or "test") as a ``datasets.Dataset``.
 
     Columns: ``image`` (PIL, 160x160 RGB), ``question``, ``answer``, ``qtype``, ``choices``
     (the lettered options of ``mc`` rows, empty otherwise) and ``id`` (``"{split}-{seed}-{i}"``).
-    ``n`` rows (default: 70,000 train, 1,400 test), question types in rotation; the same
-    ``(split, n, seed)`` always returns identical rows.
+    ``n`` rows (default: 70,000 train, 1,400 validation, 1,400 test), question types in rotation;
+    the same ``(split, n, seed)`` always returns identical rows, and no two splits share a scene.
+    Choose plans on ``validation`` and report their scores on ``test``.
     """
     size = DEFAULT_SIZES[split] if n is None and split in DEFAULT_SIZES else n
     scene_rng(split, 0, seed)  # validates the split name before any work
