@@ -12,6 +12,8 @@ run every layer as usual.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -58,6 +60,82 @@ class AppliedPlan:
 
     def remove(self) -> None:
         """Undo the plan: original layer forwards, no hooks, no plan in the config."""
+        self._uninstall()
+        if getattr(self.model, "_eemllm_applied", None) is self:
+            del self.model._eemllm_applied
+            if hasattr(self.model.config, CONFIG_KEY):
+                delattr(self.model.config, CONFIG_KEY)
+
+    @contextmanager
+    def swapped(self, plan: EfficiencyPlan, implementation: str | None = None) -> Iterator[AppliedPlan]:
+        """Run ``plan`` (in ``implementation``, default this handle's) instead of this plan for a
+        ``with`` block, then this plan again, on this same handle."""
+        if implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        before = (self.plan, self.implementation)
+        self._uninstall()
+        try:
+            self._install(plan, self.implementation if implementation is None else implementation)
+            yield self
+        finally:
+            self._uninstall()
+            self._install(*before)
+
+    @contextmanager
+    def layer_calls(self, layout: TokenLayout) -> Iterator[None]:
+        """Let the decoder layers be called one by one (outside a model call) for a batch of ``layout``.
+
+        A model call opens the layers' shared call state from its ``input_ids``; a probe that
+        reruns some layers on kept inputs opens it here, so the layers run their plan's modes.
+        """
+        if not self._layers:
+            yield
+            return
+        self._state.cache = (CallCache(layout, naavit_kernel=self.naavit_kernel, block_masks=_BLOCK_MASKS)
+                             if bool(layout.visual.any()) else None)
+        try:
+            yield
+        finally:
+            self._state.cache = None
+
+    def _install(self, plan: EfficiencyPlan, implementation: str) -> None:
+        """Give the plan's non-``full`` layers their mode forwards and the model its call hooks."""
+        family = family_of(self.model)
+        layers = family.decoder_layers(self.model)
+        plan.check_layers(len(layers), type(self.model).__name__)
+        self.plan, self.implementation = plan, implementation
+        token_ids = family.visual_token_ids(self.model.config)
+        state, kernel = self._state, self.naavit_kernel
+
+        def read_layout(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError("a model with an eemllm plan needs input_ids (to find the visual tokens); "
+                                 "pass input_ids instead of inputs_embeds")
+            mask = kwargs.get("attention_mask")
+            mask = None if mask is None or mask.dim() != 2 else mask[:, -input_ids.shape[1]:]
+            layout = TokenLayout.from_input_ids(input_ids, token_ids, mask)
+            if bool(layout.visual.any()):
+                state.cache = CallCache(layout, naavit_kernel=kernel, block_masks=_BLOCK_MASKS)
+            else:
+                state.cache = None
+                if input_ids.shape[1] > 1:
+                    logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
+
+        def end_call(module, args, output):
+            state.cache = None
+
+        for layer, mode in zip(layers, plan.modes):
+            if mode == "full":
+                continue
+            layer.forward = partial(_mode_forward, layer, layer.forward, mode, state, implementation)
+            self._layers.append(layer)
+        if self._layers:  # an empty plan changes no layer: no hooks, no per-call work
+            self._hooks = [self.model.register_forward_pre_hook(read_layout, with_kwargs=True),
+                           self.model.register_forward_hook(end_call, always_call=True)]
+        setattr(self.model.config, CONFIG_KEY, plan.to_dict())
+
+    def _uninstall(self) -> None:
         for layer in self._layers:
             del layer.forward
         self._layers.clear()
@@ -65,10 +143,6 @@ class AppliedPlan:
             hook.remove()
         self._hooks.clear()
         self._state.cache = None
-        if getattr(self.model, "_eemllm_applied", None) is self:
-            del self.model._eemllm_applied
-            if hasattr(self.model.config, CONFIG_KEY):
-                delattr(self.model.config, CONFIG_KEY)
 
     def __enter__(self) -> AppliedPlan:
         return self
@@ -113,44 +187,31 @@ def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if applied_plan(model) is not None:
         raise ValueError("a plan is already applied to this model; remove it first (handle.remove())")
-    family = family_of(model)
-    layers = family.decoder_layers(model)
-    plan.check_layers(len(layers), type(model).__name__)
-    token_ids = family.visual_token_ids(model.config)
-    kernel = choose_naavit_kernel(model, naavit_kernel)
-    handle = AppliedPlan(model, plan, implementation, kernel)
-    state = handle._state
-
-    def read_layout(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            raise ValueError("a model with an eemllm plan needs input_ids (to find the visual tokens); "
-                             "pass input_ids instead of inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        mask = None if mask is None or mask.dim() != 2 else mask[:, -input_ids.shape[1]:]
-        layout = TokenLayout.from_input_ids(input_ids, token_ids, mask)
-        if bool(layout.visual.any()):
-            state.cache = CallCache(layout, naavit_kernel=kernel, block_masks=_BLOCK_MASKS)
-        else:
-            state.cache = None
-            if input_ids.shape[1] > 1:
-                logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
-
-    def end_call(module, args, output):
-        state.cache = None
-
-    for layer, mode in zip(layers, plan.modes):
-        if mode == "full":
-            continue
-        layer.forward = partial(_mode_forward, layer, layer.forward, mode, state, implementation)
-        handle._layers.append(layer)
-    if handle._layers:  # an empty plan changes no layer: no hooks, no per-call work
-        handle._hooks = [model.register_forward_pre_hook(read_layout, with_kwargs=True),
-                         model.register_forward_hook(end_call, always_call=True)]
+    family_of(model).decoder_layers(model)  # refuses an unsupported model before anything changes
+    handle = AppliedPlan(model, plan, implementation, choose_naavit_kernel(model, naavit_kernel))
+    handle._install(plan, implementation)
     model._eemllm_applied = handle
-    setattr(model.config, CONFIG_KEY, plan.to_dict())
-    logger.info("eemllm: %s", _describe_path(plan, implementation, kernel))
+    logger.info("eemllm: %s", _describe_path(plan, implementation, handle.naavit_kernel))
     return handle
+
+
+def current_plan(model: PreTrainedModel) -> EfficiencyPlan:
+    """The plan ``model`` runs now: its applied plan, or the empty plan (every layer ``full``)."""
+    handle = applied_plan(model)
+    return EfficiencyPlan.empty(len(family_of(model).decoder_layers(model))) if handle is None else handle.plan
+
+
+@contextmanager
+def running(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str = "fast") -> Iterator[AppliedPlan]:
+    """``model`` runs ``plan`` for a ``with`` block, then what it ran before (its applied plan, on the
+    same handle, or none): how a probe measures a variant of the model's current plan."""
+    handle = applied_plan(model)
+    if handle is None:
+        with apply_plan(model, plan, implementation) as applied:
+            yield applied
+    else:
+        with handle.swapped(plan, implementation) as applied:
+            yield applied
 
 
 def _describe_path(plan: EfficiencyPlan, implementation: str, kernel: str) -> str:

@@ -4,11 +4,14 @@ A forward pre-hook on each decoder layer recomputes that layer's attention proba
 ``[batch, head, query, key]`` from its input (its own norm, q/k projections, rotary embedding
 and the model's mask), reduces them to a few numbers per head and drops them before the next
 layer runs: the model keeps its fast attention implementation, and no more than one layer's
-attention map is ever held.
+attention map is ever held. On a model with a plan applied, each layer's statistics are those of
+the attention it runs in its mode: ``naavit``/``composite`` visual queries under their mode's mask,
+and no visual queries at all in a ``frozen`` layer (their statistics are NaN).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,9 +19,10 @@ import xarray as xr
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from eemllm_models import token_layout
+from eemllm_models import TokenLayout, token_layout
+from eemllm_models.apply import current_plan
 from eemllm_models.families import family_of
-from eemllm_models.modes import allowed_keys, rotate, split_heads
+from eemllm_models.modes import allowed_keys, mode_mask, rotate, split_heads
 
 from .runner import ProbeInputs, PromptedBatch, run_probe
 
@@ -33,9 +37,15 @@ HEAD_STATISTICS = {
 QUERY_GROUPS = ("visual", "text")
 
 
-def attention_probabilities(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_probabilities(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, mode: str = "full",
+                            layout: TokenLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``layer``'s attention probabilities ``[batch, head, seq, seq]`` (float32) for input
-    ``hidden`` ``[batch, seq, hidden]``, and the allowed-key mask ``[batch, 1, seq, seq]`` they used."""
+    ``hidden`` ``[batch, seq, hidden]``, and the allowed-key mask ``[batch, 1, seq, seq]`` they used.
+
+    ``mode``: the layer's mode for visual tokens; ``naavit`` and ``composite`` restrict the visual
+    queries' keys as the mode does (``layout`` says which tokens are visual). A ``frozen`` layer
+    forms no visual queries: their rows are computed but describe nothing the model does.
+    """
     attn = layer.self_attn
     batch, seq, _ = hidden.shape
     cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
@@ -43,6 +53,8 @@ def attention_probabilities(layer: torch.nn.Module, hidden: torch.Tensor, kwargs
     query = rotate(split_heads(attn.q_proj(normed), attn.head_dim), cos, sin)
     key = repeat_kv(rotate(split_heads(attn.k_proj(normed), attn.head_dim), cos, sin), attn.num_key_value_groups)
     allowed = allowed_keys(kwargs.get("attention_mask"), batch, seq, seq, hidden.device)
+    if mode in ("naavit", "composite"):
+        allowed = mode_mask(mode, layout, allowed)
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * attn.scaling
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return torch.nan_to_num(probs, nan=0.0), allowed
@@ -54,9 +66,16 @@ def _mean_over(values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(-1) / weights.sum(-1)
 
 
-def _layer_statistics(probs: torch.Tensor, layout, sink_tokens: int, last: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Head statistics ``[batch, head]`` and query-group entropies ``[batch, head, 2]`` of one layer."""
+def _layer_statistics(probs: torch.Tensor, layout, sink_tokens: int, last: torch.Tensor,
+                      visual_queries: bool = True) -> dict[str, torch.Tensor]:
+    """Head statistics ``[batch, head]`` and query-group entropies ``[batch, head, 2]`` of one layer.
+
+    ``visual_queries`` False (a ``frozen`` layer): the visual tokens form no queries, so the
+    statistics of visual queries are NaN and the others average over the text queries only.
+    """
     visual, text, valid = layout.visual, layout.text, layout.valid
+    visual = visual if visual_queries else torch.zeros_like(visual)
+    valid = valid if visual_queries else text
     to_visual = (probs * visual[:, None, None, :]).sum(-1)  # [B, H, T]
     to_text = (probs * text[:, None, None, :]).sum(-1)
     own = probs.diagonal(dim1=-2, dim2=-1)
@@ -77,19 +96,26 @@ def _layer_statistics(probs: torch.Tensor, layout, sink_tokens: int, last: torch
 
 def attention_statistics_batch(model: PreTrainedModel, batch: PromptedBatch, sink_tokens: int = 1
                                ) -> dict[str, torch.Tensor]:
-    """Statistics of every layer: ``[batch, layer, head]`` each, ``entropy`` ``[batch, layer, head, group]``."""
+    """Statistics of every layer: ``[batch, layer, head]`` each, ``entropy`` ``[batch, layer, head, group]``.
+
+    On a model with a plan applied, each layer's statistics describe the attention it runs in its
+    mode (see :func:`attention_probabilities`; a ``frozen`` layer's visual-query statistics are NaN).
+    """
     layers = family_of(model).decoder_layers(model)
+    modes = current_plan(model).modes
     layout = token_layout(model, batch.inputs["input_ids"], batch.inputs.get("attention_mask"))
     last = batch.positions[:, 0]
     per_layer: list[dict[str, torch.Tensor]] = []
 
-    def reduce(module, args, kwargs):
+    def reduce(module, args, kwargs, mode: str):
         hidden = args[0] if args else kwargs["hidden_states"]
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        probs, _ = attention_probabilities(module, hidden, {**kwargs, "attention_mask": mask})
-        per_layer.append({k: v.cpu() for k, v in _layer_statistics(probs, layout, sink_tokens, last).items()})
+        probs, _ = attention_probabilities(module, hidden, {**kwargs, "attention_mask": mask}, mode, layout)
+        stats = _layer_statistics(probs, layout, sink_tokens, last, visual_queries=mode != "frozen")
+        per_layer.append({k: v.cpu() for k, v in stats.items()})
 
-    handles = [layer.register_forward_pre_hook(reduce, with_kwargs=True) for layer in layers]
+    handles = [layer.register_forward_pre_hook(partial(reduce, mode=mode), with_kwargs=True)
+               for layer, mode in zip(layers, modes)]
     try:
         model(**batch.inputs, use_cache=False, logits_to_keep=1)
     finally:

@@ -13,14 +13,24 @@ mode's fast path for a mode) and only layers ``l+1 ..`` run again. The vision to
 and layers before ``l`` are never recomputed: ``L + K * L(L-1)/2`` decoder-layer passes for ``K``
 interventions instead of the naive ``K * (L + 1) * L``.
 
+**On a planned model** (a plan applied, e.g. by ``load_pruned``) every contribution measures
+that model: the baseline is the planned model's output, the layers after ``l`` run their
+planned modes, and an intervention is relative to layer ``l``'s current mode. So a layer that
+already runs ``frozen`` has visual LC (and ``frozen`` contribution) exactly 0, a layer's
+contribution for its own mode is exactly 0, and the visual LC of a ``naavit`` or ``composite``
+layer is the divergence when its remaining visual update (attention to text and itself, and the
+MLP) is removed too, i.e. when it runs ``frozen`` instead. The result's attrs record the plan.
+
 **Reference**: the plain version: for each layer and intervention, a full forward pass of the
-model with a forward hook (groups) or a one-layer plan with the reference implementation
-(modes). It is what the sweep is tested against and what the cost benchmark times.
+model with a forward hook (groups) or the model's plan with layer ``l`` changed (modes), every
+plan in its reference implementation. It is what the sweep is tested against and what the cost
+benchmark times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +39,13 @@ import xarray as xr
 from transformers import PreTrainedModel, ProcessorMixin
 
 from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
+from eemllm_models.apply import applied_plan, current_plan, running
 from eemllm_models.families import family_of
 from eemllm_models.modes import RowSplit, fast_forward, gather_rows
 
 from .divergence import DIVERGENCES, divergence
 from .runner import ProbeInputs, PromptedBatch, run_probe
+from .uncertainty import with_intervals
 
 GROUPS = ("visual", "text")
 CONTRIBUTION_MODES = ("frozen", "naavit", "composite")
@@ -90,6 +102,13 @@ def _group_mask(layout: TokenLayout, group: str) -> torch.Tensor:
     raise ValueError(f"unknown token group {group!r}; choose from {GROUPS}")
 
 
+def leaves_unchanged(current: str, what: str) -> bool:
+    """True when intervention ``what`` (a group or a mode) on a layer running mode ``current``
+    changes nothing: the layer already runs that mode, or is ``frozen`` and ``what`` removes its
+    visual update. Its contribution is then exactly 0."""
+    return what == current or (current == "frozen" and what == "visual")
+
+
 def _intervened_output(model: PreTrainedModel, kept: Trace, split: RowSplit, layer: int, what: str) -> torch.Tensor:
     """Layer ``layer``'s output under intervention ``what`` (a group or a mode), from the trace."""
     if what in GROUPS:
@@ -103,51 +122,63 @@ def sweep_contributions(model: PreTrainedModel, batch: PromptedBatch, interventi
     """Contribution of every decoder layer under each intervention: ``[batch, layer, intervention]``.
 
     ``interventions`` are token groups (``"visual"``, ``"text"``: that group's update removed) or
-    modes (``"frozen"``, ``"naavit"``, ``"composite"``: the layer alone runs in that mode).
-    ``kept``: the batch's :func:`trace`, if already taken.
+    modes (``"frozen"``, ``"naavit"``, ``"composite"``: the layer alone runs in that mode instead
+    of its current one). On a model with a plan applied, the baseline is the planned model and
+    the layers after ``l`` run their planned modes. ``kept``: the batch's :func:`trace`, if
+    already taken.
     """
     layers = family_of(model).decoder_layers(model)
+    current = current_plan(model).modes
+    handle = applied_plan(model)
     kept = trace(model, batch.inputs) if kept is None else kept
     split = RowSplit.from_layout(kept.layout)
     original = _log_probs(model, kept.outputs[-1], batch.positions)
-    out = torch.empty(len(batch.rows), len(layers), len(interventions))
-    for layer in range(len(layers)):
-        for k, what in enumerate(interventions):
-            hidden = _intervened_output(model, kept, split, layer, what)
-            for later in range(layer + 1, len(layers)):
-                hidden = layers[later](hidden, **kept.kwargs[later])
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            changed = divergence(original, _log_probs(model, hidden, batch.positions), divergence_name)
-            out[:, layer, k] = _mean_over_positions(changed, batch.position_mask).cpu()
+    out = torch.zeros(len(batch.rows), len(layers), len(interventions))
+    with nullcontext() if handle is None else handle.layer_calls(kept.layout):
+        for layer in range(len(layers)):
+            for k, what in enumerate(interventions):
+                if leaves_unchanged(current[layer], what):
+                    continue
+                hidden = _intervened_output(model, kept, split, layer, what)
+                for later in range(layer + 1, len(layers)):
+                    hidden = layers[later](hidden, **kept.kwargs[later])
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                changed = divergence(original, _log_probs(model, hidden, batch.positions), divergence_name)
+                out[:, layer, k] = _mean_over_positions(changed, batch.position_mask).cpu()
     return out
 
 
 def reference_contributions(model: PreTrainedModel, batch: PromptedBatch, interventions: tuple[str, ...],
                             divergence_name: str = "kl", kept: Trace | None = None) -> torch.Tensor:
-    """The plain version of :func:`sweep_contributions`: one full forward pass per layer and intervention
-    (``kept`` is not used)."""
+    """The plain version of :func:`sweep_contributions`: one full forward pass of the model per layer
+    and intervention, every plan in its reference implementation (``kept`` is not used)."""
     layers = family_of(model).decoder_layers(model)
+    plan = current_plan(model)
 
     def log_probs() -> torch.Tensor:
         logits = model(**batch.inputs, use_cache=False).logits
         return torch.log_softmax(gather_rows(logits, batch.positions).float(), dim=-1)
 
     layout = token_layout(model, batch.inputs["input_ids"], batch.inputs.get("attention_mask"))
-    original = log_probs()
+    with running(model, plan, "reference"):
+        original = log_probs()
     out = torch.empty(len(batch.rows), len(layers), len(interventions))
     for layer in range(len(layers)):
         for k, what in enumerate(interventions):
             if what in GROUPS:
                 mask = _group_mask(layout, what)[..., None]
-                handle = layers[layer].register_forward_hook(
-                    lambda module, args, kwargs, output, mask=mask: torch.where(
-                        mask, args[0] if args else kwargs["hidden_states"], output), with_kwargs=True)
-                try:
-                    changed = log_probs()
-                finally:
-                    handle.remove()
+                with running(model, plan, "reference"):
+                    handle = layers[layer].register_forward_hook(
+                        lambda module, args, kwargs, output, mask=mask: torch.where(
+                            mask, args[0] if args else kwargs["hidden_states"], output), with_kwargs=True)
+                    try:
+                        changed = log_probs()
+                    finally:
+                        handle.remove()
             else:
-                with EfficiencyPlan.from_layers(len(layers), {layer: what}).applied(model, "reference"):
+                modes = list(plan.modes)
+                modes[layer] = what
+                with running(model, EfficiencyPlan(modes), "reference"):
                     changed = log_probs()
             out[:, layer, k] = _mean_over_positions(divergence(original, changed, divergence_name),
                                                     batch.position_mask).cpu()
@@ -226,7 +257,7 @@ def layer_contribution(
     result = run_probe("layer_contribution", model, processor, spec, probe,
                        {"divergence": divergence, "implementation": implementation}, checkpoint, progress)
     result["lc"].attrs = {"units": "nats", "long_name": f"Layer Contribution ({divergence})"}
-    return result
+    return with_intervals(result, "lc")  # lc_low/lc_high [layer, group], selection_stability [k, layer, group]
 
 
 def mode_contribution(
@@ -265,4 +296,4 @@ def mode_contribution(
     result = run_probe("mode_contribution", model, processor, spec, probe,
                        {"divergence": divergence, "implementation": implementation}, checkpoint, progress)
     result["contribution"].attrs = {"units": "nats", "long_name": f"mode contribution ({divergence})"}
-    return result
+    return with_intervals(result, "contribution")  # contribution_low/_high [layer, mode], selection_stability
