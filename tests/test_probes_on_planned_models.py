@@ -121,3 +121,21 @@ def test_probes_of_a_pruned_model_measure_it_and_record_its_plan(tmp_path):
     unplanned = probes.layer_contribution(model, processor, data, samples=4, batch_size=4, progress=False)
     assert json.loads(unplanned.attrs["plan"])["modes"] == ["full"] * 12
     assert unplanned.attrs["plan_implementation"] == "none"
+
+
+def test_sweep_equals_reference_on_the_trained_default_with_a_mixed_plan():
+    """Real weights: the embedded default with frozen, naavit and composite layers."""
+    from eemllm_models import load_default
+
+    model, processor = load_default()
+    plan = EfficiencyPlan.from_layers(12, {1: "naavit", 3: "frozen", 4: "frozen", 6: "composite", 9: "frozen"})
+    data = load_shapes_vqa("validation", n=8)
+    with plan.applied(model):
+        kwargs = dict(samples=4, batch_size=4, progress=False)
+        fast = probes.mode_contribution(model, processor, data, **kwargs)
+        reference = probes.mode_contribution(model, processor, data, implementation="reference", **kwargs)
+    torch.testing.assert_close(torch.from_numpy(fast.contribution.values),
+                               torch.from_numpy(reference.contribution.values), rtol=1e-4, atol=1e-6)
+    assert (fast.contribution.sel(mode="frozen", layer=[3, 4, 9]) == 0).all()
+    assert (fast.contribution.sel(mode="naavit", layer=1) == 0).all()
+    assert (fast.contribution.sel(mode="composite", layer=6) == 0).all()
