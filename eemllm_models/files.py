@@ -33,23 +33,63 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+MARKER = ".eemllm"
+"""The file eemllm writes into every folder it writes whole (pruned models, reports, checkpoints): only a
+folder holding it is ever replaced, so an overwrite never deletes a folder of someone else's files."""
+
+
+class ForeignFolderError(FileExistsError):
+    """A folder to be replaced was not written by eemllm (it has no :data:`MARKER`); nothing was changed.
+
+    ``path`` is the folder; the message says to choose another output folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"{path} was not written by eemllm (it has no {MARKER} marker file), so it is not "
+                         "replaced and nothing in it was changed; choose another output folder, or empty or "
+                         "remove this one yourself")
+
+
+def written_by_eemllm(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder eemllm wrote with :func:`atomic_write_dir` (it holds :data:`MARKER`)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _write_marker(folder: Path) -> None:
+    try:
+        from importlib.metadata import version
+
+        who = f"eemllm {version('eemllm')}"
+    except Exception:  # an uninstalled checkout still marks its folders
+        who = "eemllm"
+    (folder / MARKER).write_text(f"written by {who}; eemllm replaces this folder only when asked to overwrite it\n")
+
+
 def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None],
                      carry: Sequence[str | os.PathLike] = ()) -> Path:
     """Call ``write(tmp)`` on a temporary folder next to ``path``, then put it in ``path``'s place.
 
-    An existing ``path`` is replaced whole, only once ``write`` has succeeded; if ``write`` raises,
-    ``path`` is left as it was. ``carry``: paths relative to ``path`` that move from the old folder
-    into the new one (those the old folder has).
+    The new folder gets the :data:`MARKER` file. An existing ``path`` is replaced whole, only once
+    ``write`` has succeeded, and only when eemllm wrote it (it holds the marker): any other existing
+    folder or file raises :class:`ForeignFolderError` before anything is written, and is left untouched.
+    If ``write`` raises, ``path`` is left as it was. ``carry``: paths relative to ``path`` that move from
+    the old folder into the new one (those the old folder has).
     """
     path = Path(path)
+    if path.exists() and not (path.is_dir() and written_by_eemllm(path)):
+        raise ForeignFolderError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
+        _write_marker(tmp)
         make_readable(tmp)
         if not path.exists():
             os.rename(tmp, path)
             return path
+        if not written_by_eemllm(path):  # appeared or changed while writing
+            raise ForeignFolderError(path)
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old)
         try:

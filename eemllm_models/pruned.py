@@ -20,7 +20,8 @@ def save_pruned(model: PreTrainedModel, plan: EfficiencyPlan, path: str | os.Pat
     """Write ``model`` (safetensors) with ``plan`` in its ``config.json`` (and ``processor``) to ``path``.
 
     The directory is written next to ``path`` first and renamed into place, so an existing
-    directory is replaced whole or not at all (only with ``overwrite=True``). Plain transformers
+    directory is replaced whole or not at all (only with ``overwrite=True``, and only when eemllm wrote
+    it: another folder raises :class:`~eemllm_models.files.ForeignFolderError`). Plain transformers
     loads the result as the unpruned model; :func:`load_pruned` loads it with the plan applied.
     """
     path = Path(path)

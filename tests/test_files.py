@@ -1,6 +1,6 @@
 import pytest
 
-from eemllm_models.files import atomic_write_dir
+from eemllm_models.files import MARKER, ForeignFolderError, atomic_write_dir, written_by_eemllm
 
 
 def _write(files: dict[str, str]):
@@ -14,7 +14,7 @@ def test_atomic_write_dir_replaces_a_folder_whole(tmp_path):
     target = tmp_path / "model"
     atomic_write_dir(target, _write({"a.txt": "1", "old.txt": "x"}))
     atomic_write_dir(target, _write({"a.txt": "2"}))
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "2"
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "a.txt"] and (target / "a.txt").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert oct((target / "a.txt").stat().st_mode & 0o044) == oct(0o044)  # readable like a plain write
 
@@ -42,3 +42,26 @@ def test_atomic_write_dir_carries_named_paths_from_the_old_folder(tmp_path):
     assert (target / "index.html").read_text() == "new"
     assert (target / "models" / "pruned" / "config.json").read_text() == "{}"
     assert not (target / "absent").exists() and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_overwrite_refuses_a_folder_eemllm_did_not_write_and_leaves_it_untouched(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "notes.txt").write_text("my notes")
+    with pytest.raises(ForeignFolderError, match="not written by eemllm.*choose another output folder") as err:
+        atomic_write_dir(target, _write({"a.txt": "1"}))
+    assert err.value.path == target and not written_by_eemllm(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "my notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no staging folder left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ForeignFolderError):
+        atomic_write_dir(tmp_path / "file", _write({"a.txt": "1"}))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_replaces_a_folder_eemllm_wrote(tmp_path):
+    target = tmp_path / "results"
+    atomic_write_dir(target, _write({"a.txt": "1"}))
+    assert written_by_eemllm(target)
+    atomic_write_dir(target, _write({"b.txt": "2"}))
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "b.txt"]

@@ -116,7 +116,8 @@ def test_report_folder_is_complete_self_contained_and_escaped(report):
     out = index.parent
     figures = {"plan.png", "lc.png", "tradeoff.png", "modes.png", "attention.png"}
     expected = {"index.html", "report.md", "summary.json", "plan.json", "lc.nc", "attention.nc",
-                "mode_contribution.nc", "comparison.csv", "latency.csv", "answers.csv", "figures"}
+                "mode_contribution.nc", "comparison.csv", "latency.csv", "answers.csv", "figures",
+                ".eemllm"}  # the marker that lets --overwrite replace this folder
     assert {p.name for p in out.iterdir()} == expected
     assert {p.name for p in (out / "figures").iterdir()} == figures
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
