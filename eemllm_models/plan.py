@@ -96,8 +96,22 @@ class EfficiencyPlan:
 
     @classmethod
     def resolve(cls, spec: str | os.PathLike) -> EfficiencyPlan:
-        """A plan named by ``spec``: a plan JSON file, or else a preset name (``shortv:llava-1.5-7b``)."""
-        return cls.load(spec) if Path(spec).is_file() else cls.preset(str(spec))
+        """A plan named by ``spec``: a plan JSON file, or else a preset name (``shortv:llava-1.5-7b``).
+
+        A ``spec`` that looks like a file (ends with ``.json`` or holds a path separator) and does not
+        exist raises ``FileNotFoundError`` naming the path and the known presets.
+        """
+        path = Path(spec).expanduser()
+        if path.is_file():
+            return cls.load(path)
+        text = str(spec)
+        if text.lower().endswith(".json") or os.sep in text or "/" in text:
+            known = ", ".join(f"shortv:{m}" for m in SHORTV_PRESETS)
+            what = "a folder, not a plan file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"no plan file at {text} ({what}); give the path of a plan JSON file "
+                                    f"(written by EfficiencyPlan.save or `eemllm plan`) or a preset; "
+                                    f"known presets: {known}")
+        return cls.preset(text)
 
     @property
     def n_layers(self) -> int:
@@ -153,4 +167,20 @@ class EfficiencyPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EfficiencyPlan:
-        return cls.from_json(Path(path).read_text())
+        """Read a plan JSON file; ``ValueError`` names the file and what is wrong with it."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"plan file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                             f"{err.colno}); fix it, or write it again with EfficiencyPlan.save / `eemllm plan`"
+                             ) from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"plan file {path} is not a text file ({err.reason}); give a plan JSON file") from err
+        if not isinstance(data, Mapping):
+            raise ValueError(f"plan file {path} holds a JSON {type(data).__name__}, not a plan object with a "
+                             "'modes' list; write it again with EfficiencyPlan.save / `eemllm plan`")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"plan file {path} is not a valid plan: {err}") from err
