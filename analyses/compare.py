@@ -4,12 +4,17 @@ For each ``k``, the ``k`` layers chosen by each policy (``shortv``, ``cosine``, 
 their visual tokens frozen and the model answers a held-out split; at equal ``k`` they cost the
 same FLOPs, so their accuracies compare directly. ``text`` is ShortV's control: the text tokens,
 not the visual ones, are frozen in the ``shortv``-chosen layers.
+
+A comparison *chooses* (which policy, which ``k``), so it runs on a selection split (shapes-vqa
+``validation``); the chosen plan's final score belongs to a split it never saw (``test``). Pass that
+evaluation set as ``evaluation=`` and the rows are checked for overlap (``analyses.heldout``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import datasets
 import pandas as pd
@@ -23,6 +28,7 @@ from eemllm_models.families import family_of
 
 from .evaluate import answer_frame
 from .flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
+from .heldout import check_disjoint, describe
 from .policies import POLICIES, freeze_plan
 
 COMPARED = (*POLICIES, "text")
@@ -78,32 +84,67 @@ def text_frozen_flops_ratio(config, layers: Iterable[int], tokens: TokenCounts) 
     return (len(chosen) * frozen + (shape.layers - len(chosen)) * full) / (shape.layers * full)
 
 
-def accuracy_on(model: PreTrainedModel, processor: ProcessorMixin, data: datasets.Dataset,
-                batch_size: int = 16) -> Callable[[EfficiencyPlan], float]:
-    """A function ``plan -> accuracy`` (exact match, 0..1) of ``model`` under a plan on ``data``."""
-    def accuracy(plan: EfficiencyPlan) -> float:
-        frame = answer_frame(model, processor, data, plan=plan, batch_size=batch_size, progress=False)
+@dataclass
+class HeldOutAccuracy:
+    """``plan -> accuracy`` (exact match, 0..1) of ``model`` under a plan on the selection set ``data``.
+
+    Policies that choose by accuracy (``policies.greedy_plan``, ``policies.shortv_within_tolerance``)
+    read ``data`` to record the split and the number of questions they chose on.
+    """
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    data: datasets.Dataset
+    batch_size: int = 16
+
+    def __call__(self, plan: EfficiencyPlan) -> float:
+        frame = answer_frame(self.model, self.processor, self.data, plan=plan, batch_size=self.batch_size,
+                             progress=False)
         return float(frame.correct.mean())
-    return accuracy
+
+    @property
+    def split(self) -> str:
+        return str(describe(self.data)["split"])
+
+    @property
+    def n(self) -> int:
+        return len(self.data)
+
+
+def accuracy_on(model: PreTrainedModel, processor: ProcessorMixin, data: datasets.Dataset, batch_size: int = 16,
+                evaluation: datasets.Dataset | None = None, allow_overlap: bool = False) -> HeldOutAccuracy:
+    """A function ``plan -> accuracy`` of ``model`` on the selection set ``data``.
+
+    ``evaluation``: the set the chosen plan will be scored on; when given, ``data`` and it must share
+    no row (:func:`analyses.heldout.check_disjoint`; ``allow_overlap`` only warns).
+    """
+    if evaluation is not None:
+        check_disjoint(data, evaluation, allow_overlap)
+    return HeldOutAccuracy(model, processor, data, batch_size)
 
 
 def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: datasets.Dataset, lc: xr.Dataset,
                      ks: Sequence[int], tokens: TokenCounts, compared: Sequence[str] = COMPARED,
-                     seeds: Sequence[int] = (0,), batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """Accuracy on ``data`` and decoder FLOPs ratio of each compared policy at each ``k``.
+                     seeds: Sequence[int] = (0,), batch_size: int = 16, progress: bool = True,
+                     evaluation: datasets.Dataset | None = None, allow_overlap: bool = False) -> pd.DataFrame:
+    """Accuracy on the selection set ``data`` and decoder FLOPs ratio of each compared policy at each ``k``.
 
     Returns one row per (policy, k, seed): columns ``policy``, ``k``, ``seed`` (the random
-    policy's; 0 otherwise), ``layers`` (the changed layers), ``flops_ratio``, ``accuracy``; plus
-    one ``original`` row at ``k`` 0. ``tokens`` are one prompt's token counts.
+    policy's; 0 otherwise), ``layers`` (the changed layers), ``flops_ratio`` (``shortv``
+    convention), ``accuracy``, ``split`` and ``n`` (the split and number of questions of ``data``
+    each accuracy was measured on); plus one ``original`` row at ``k`` 0. ``tokens``: the prompt the
+    FLOPs are counted for (``analyses.tokens.dataset_token_counts``). ``evaluation``: the set the
+    chosen plan is scored on, checked to share no row with ``data`` (``allow_overlap`` only warns).
     """
     unknown = sorted(set(compared) - set(COMPARED))
     if unknown:
         raise ValueError(f"unknown comparison(s) {unknown}; choose from {COMPARED}")
-    accuracy = accuracy_on(model, processor, data, batch_size)
+    accuracy = accuracy_on(model, processor, data, batch_size, evaluation, allow_overlap)
+    where = {"split": accuracy.split, "n": accuracy.n}
     n_layers = lc.sizes["layer"]
     runs = [(policy, k, seed) for k in ks for policy in compared for seed in (seeds if policy == "random" else (0,))]
     rows = [{"policy": "original", "k": 0, "seed": 0, "layers": [], "flops_ratio": 1.0,
-             "accuracy": accuracy(EfficiencyPlan.empty(n_layers))}]
+             "accuracy": accuracy(EfficiencyPlan.empty(n_layers)), **where}]
     for policy, k, seed in tqdm(runs, desc="comparing policies", unit="plan", disable=not progress):
         plan = freeze_plan(lc, k, "shortv" if policy == "text" else policy, seed)
         layers = list(plan.layers("frozen"))
@@ -114,5 +155,5 @@ def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: da
         else:
             score, ratio = accuracy(plan), flops_ratio(model.config, plan, tokens)
         rows.append({"policy": policy, "k": k, "seed": seed, "layers": layers, "flops_ratio": ratio,
-                     "accuracy": score})
+                     "accuracy": score, **where})
     return pd.DataFrame(rows)

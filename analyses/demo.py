@@ -4,6 +4,13 @@ Answer shapes-vqa test questions; probe the Layer Contribution, attention statis
 contributions; choose a ShortV plan; count its FLOPs; answer the same questions with the plan
 applied; measure accuracy against FLOPs for the policies and the frozen-text control; measure
 latency; save the pruned model and write the redundancy report.
+
+Three disjoint sets of questions (checked by id): the probes measure on ``train`` prompts, the
+policy comparison (what a choice of policy and k rests on) answers ``validation`` questions, and
+the final original-vs-pruned accuracy is reported on ``test`` questions that nothing chose on.
+The FLOPs figures are counted for the mean prompt of those test questions (``analyses.tokens``),
+and ``plan.json`` records that prompt, so ``eemllm flops --model default --plan plan.json`` prints
+the same ratio.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import pandas as pd
 import xarray as xr
 
@@ -22,11 +30,12 @@ from eemllm_models.zoo import shapes_vqa
 
 from .compare import compare_policies
 from .evaluate import answer_frame, scores
-from .flops import flops_ratio, full_flops
+from .flops import flops_figures, flops_provenance
+from .heldout import check_disjoint, describe
 from .latency import measure_latency
 from .policies import freeze_plan
 from .report import ReportInputs, write_report
-from .tokens import shapes_vqa_token_counts
+from .tokens import dataset_token_counts, describe_rows
 
 SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
@@ -49,15 +58,33 @@ class DemoResult:
     report: Path
 
 
+def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
+              ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """The demo's three sets of shapes-vqa questions: ``(evaluation, selection, calibration)``.
+
+    ``evaluation``: ``n`` test questions, the final original-vs-pruned score; ``selection``:
+    ``compare_samples`` validation questions, the policy comparison; ``calibration``: 400 train
+    prompts the probes draw their samples from. Checked to share no row with the evaluation set
+    (``analyses.heldout.check_disjoint``).
+    """
+    evaluation = load_shapes_vqa("test", n=n, seed=seed)
+    selection = load_shapes_vqa("validation", n=compare_samples, seed=seed)
+    calibration = load_shapes_vqa("train", n=400, seed=seed)
+    for chosen_on in (selection, calibration):
+        check_disjoint(chosen_on, evaluation)
+    return evaluation, selection, calibration
+
+
 def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 16,
              compare_samples: int = 42, overwrite: bool = False) -> DemoResult:
     """Run the demo on ``n`` shapes-vqa test questions and write its files to ``out``.
 
     Files: ``demo_answers.csv`` (one row per question: answer, original and pruned prediction),
-    ``demo_summary.json`` (accuracy per type, original and pruned, chance levels, plan, FLOPs),
+    ``demo_summary.json`` (accuracy per type, original and pruned, with the split and number of
+    questions of every set used, chance levels, plan, FLOPs and the prompt they were counted for),
     ``lc.nc``, ``attention.nc``, ``mode_contribution.nc`` (probes on ``probe_samples`` train-split
     prompts), ``plan.json``, ``comparison.csv`` (accuracy vs FLOPs of the policies on
-    ``compare_samples`` other test questions), ``latency.csv``, ``pruned-model/`` (reloads with
+    ``compare_samples`` validation questions), ``latency.csv``, ``pruned-model/`` (reloads with
     ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
     model or report is replaced only with ``overwrite``.
     """
@@ -68,31 +95,35 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
         if existing.exists() and not overwrite:
             raise FileExistsError(f"{existing} already exists; choose another --out or pass --overwrite")
     model, processor = load_default()
-    data = load_shapes_vqa("test", n=n, seed=seed)
+    data, selection, calibration = demo_sets(n, compare_samples, seed)
     frame = answer_frame(model, processor, data, batch_size=batch_size)
-    calibration = load_shapes_vqa("train", n=400, seed=seed)
     common = dict(samples=probe_samples, seed=seed)
     lc = probes.layer_contribution(model, processor, calibration, **common)
     attention = probes.attention_statistics(model, processor, calibration, **common)
     modes = probes.mode_contribution(model, processor, calibration, **common)
+    tokens = dataset_token_counts(model, processor, data)
     plan = freeze_plan(lc, round(SHORTV_SHARE * lc.sizes["layer"]), "shortv")
+    plan = plan.with_provenance(**flops_provenance(model.config, plan, tokens, describe_rows(data)))
     pruned = answer_frame(model, processor, data, plan=plan, batch_size=batch_size, progress=False)
     frame["pruned_prediction"], frame["pruned_correct"] = pruned.prediction, pruned.correct
-    tokens = shapes_vqa_token_counts(model, processor)
-    ratio = flops_ratio(model.config, plan, tokens)
-    prefill = {name: float(full_flops(model.config, chosen, tokens).flops.sum())
-               for name, chosen in (("original", EfficiencyPlan.empty(plan.n_layers)), ("pruned", plan))}
-    flops = {"decoder_flops_ratio": ratio, "prefill_flops_ratio": prefill["pruned"] / prefill["original"],
-             "prefill_gflops_original": prefill["original"] / 1e9, "prefill_gflops_pruned": prefill["pruned"] / 1e9}
-    comparison = compare_policies(model, processor, load_shapes_vqa("test", n=compare_samples, seed=seed + 1), lc,
-                                  COMPARED_KS, tokens, seeds=(0, 1, 2), batch_size=batch_size)
+    flops = flops_figures(model.config, plan, tokens)
+    ratio = flops["decoder_flops_ratio"]
+    if "prefill_flops_original" in flops:  # the names earlier summaries used
+        flops.update(prefill_gflops_original=flops["prefill_flops_original"] / 1e9,
+                     prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
+    comparison = compare_policies(model, processor, selection, lc, COMPARED_KS, tokens, seeds=(0, 1, 2),
+                                  batch_size=batch_size, evaluation=data)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
                               {"original": None, "pruned": plan}, warmup=1, repeats=3)
     summary = {
         "model": "eemllm default (embedded)", "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),
+        "evaluation": {**describe(data), "seed": seed},
+        "selection": {**describe(selection), "seed": seed, "used_for": "policy comparison"},
+        "probe": {**describe(calibration), "samples": probe_samples, "seed": seed},
         "chance": {q: shapes_vqa.CHANCE[q] for q in sorted(set(frame.qtype))},
-        "plan": plan.to_dict(), **flops,
+        "plan": plan.to_dict(), **flops, "flops_convention": "shortv", "prefill_flops_convention": "full",
+        "tokens": {**tokens.to_dict(), "source": describe_rows(data)},
     }
     atomic_write(out / "demo_answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=1) + "\n")

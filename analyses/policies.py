@@ -12,10 +12,17 @@ From mode contributions (``probes.mode_contribution``), mixing ``frozen``, ``naa
 ``composite`` per layer:
 
 * ``budget``: reach a FLOPs target, cheapest loss per saved FLOP first;
-* ``greedy``: the same order, each change kept only if a held-out accuracy stays within a tolerance.
+* ``greedy``: the same order, each change kept only if a held-out accuracy stays within a tolerance
+  (optionally stopping once a FLOPs target is reached).
 
 ``shortv_within_tolerance`` picks ShortV's ``k`` as the largest whose measured accuracy drop is
 within a tolerance.
+
+Held out: the ``accuracy`` that ``greedy`` and ``shortv_within_tolerance`` choose by must be measured
+on a *selection* set (shapes-vqa ``validation``), never on the set the chosen plan is finally scored on
+(``test``); ``analyses.compare.accuracy_on(..., evaluation=...)`` checks the two are disjoint. The
+plan's provenance records the selection set (``selection``: dataset, split, n) next to every
+accuracy, and its FLOPs ratio under its named convention (``flops.flops_provenance``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from transformers import PretrainedConfig
 
 from eemllm_models import EfficiencyPlan
 
-from .flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
+from .flops import DecoderShape, TokenCounts, flops_provenance, flops_ratio, layer_flops
+from .heldout import describe
 
 POLICIES = ("shortv", "cosine", "random")
 """Policies that freeze the visual tokens of ``k`` ranked layers."""
@@ -134,26 +142,42 @@ def budget_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts
     if ratio > target:
         raise ValueError(f"no mix of modes reaches {target:.0%} of the original FLOPs for these token counts "
                          f"(the cheapest plan found costs {ratio:.0%}); choose a higher target")
-    return plan.with_provenance(policy="budget", target=target, flops_ratio=ratio, **_probe_provenance(modes))
+    return plan.with_provenance(policy="budget", target=target, **flops_provenance(config, plan, tokens),
+                                **_probe_provenance(modes))
+
+
+def _selection(accuracy: Callable[[EfficiencyPlan], float]) -> dict:
+    """What ``accuracy`` measures on (dataset, split, n), when it says (``analyses.compare.accuracy_on``'s does)."""
+    data = getattr(accuracy, "data", None)
+    return {"selection": describe(data)} if data is not None else {}
 
 
 def greedy_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts,
                 accuracy: Callable[[EfficiencyPlan], float], tolerance: float = 0.01,
-                max_trials: int | None = None) -> EfficiencyPlan:
+                max_trials: int | None = None, target: float | None = None) -> EfficiencyPlan:
     """Accuracy-checked greedy search: try the single-layer changes cheapest loss first and keep each
     one whose plan (with the changes kept so far) stays within ``tolerance`` of the original accuracy.
 
-    ``accuracy(plan)`` measures a plan on a held-out split (e.g. ``analyses.compare.accuracy_on``).
-    A layer keeps the first change accepted for it. The provenance lists every trial and its accuracy.
+    ``accuracy(plan)`` measures a plan on a held-out *selection* split (e.g.
+    ``analyses.compare.accuracy_on`` on shapes-vqa ``validation``); report the result on another.
+    ``target``: stop as soon as the plan's decoder FLOPs ratio is at most this share of the original
+    (default: try every change). A layer keeps the first change accepted for it. The provenance
+    lists every trial and its accuracy, the final plan's ``accuracy`` on the selection set (and that
+    set), whether the ``target`` was reached, and the FLOPs ratio under its convention.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance is an accuracy drop (>= 0), got {tolerance}")
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"the FLOPs target is a share of the original in (0, 1], got {target}")
     candidates = change_candidates(modes, config, tokens)
     n_layers = modes.sizes["layer"]
     baseline = accuracy(EfficiencyPlan.empty(n_layers))
     chosen: dict[int, str] = {}
     trials = []
+    reached = baseline
     for change in candidates.itertuples():
+        if target is not None and flops_ratio(config, EfficiencyPlan.from_layers(n_layers, chosen), tokens) <= target:
+            break
         if max_trials is not None and len(trials) >= max_trials:
             break
         if change.layer in chosen:
@@ -164,19 +188,25 @@ def greedy_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts
         trials.append({"layer": change.layer, "mode": change.mode, "accuracy": score, "kept": kept})
         if kept:
             chosen[change.layer] = change.mode
+            reached = score
     plan = EfficiencyPlan.from_layers(n_layers, chosen)
-    return plan.with_provenance(policy="greedy", tolerance=tolerance, baseline_accuracy=baseline, trials=trials,
-                                flops_ratio=flops_ratio(config, plan, tokens), **_probe_provenance(modes))
+    flops = flops_provenance(config, plan, tokens)
+    stop = {} if target is None else {"target": target, "reached_target": flops["flops_ratio"] <= target}
+    return plan.with_provenance(policy="greedy", tolerance=tolerance, baseline_accuracy=baseline, accuracy=reached,
+                                **_selection(accuracy), **stop, trials=trials, **flops, **_probe_provenance(modes))
 
 
 def shortv_within_tolerance(lc: xr.Dataset, accuracy: Callable[[EfficiencyPlan], float],
                             tolerance: float = 0.01) -> EfficiencyPlan:
     """ShortV's rule with ``k`` chosen by measurement: the largest ``k`` whose plan's accuracy stays
-    within ``tolerance`` of the original (every ``k`` is measured; the provenance lists them)."""
+    within ``tolerance`` of the original (every ``k`` is measured; the provenance lists them, the
+    chosen plan's ``accuracy``, the ``baseline_accuracy`` and the ``selection`` set they were
+    measured on). ``accuracy`` must measure on a held-out selection split (see :func:`greedy_plan`)."""
     if tolerance < 0:
         raise ValueError(f"tolerance is an accuracy drop (>= 0), got {tolerance}")
     n_layers = lc.sizes["layer"]
     measured = {k: accuracy(freeze_plan(lc, k)) for k in range(n_layers + 1)}
     best = max(k for k, score in measured.items() if measured[0] - score <= tolerance)
-    return freeze_plan(lc, best).with_provenance(tolerance=tolerance,
+    return freeze_plan(lc, best).with_provenance(tolerance=tolerance, baseline_accuracy=measured[0],
+                                                 accuracy=measured[best], **_selection(accuracy),
                                                  accuracy_by_k={str(k): v for k, v in measured.items()})

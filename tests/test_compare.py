@@ -54,9 +54,10 @@ def test_compare_policies_measures_every_policy_at_every_k(default_model):
     model, processor = default_model
     lc = probes.layer_contribution(model, processor, load_shapes_vqa("train", n=20), samples=2, progress=False)
     tokens = TokenCounts(5, 100, 30)
-    frame = compare_policies(model, processor, load_shapes_vqa("test", n=4), lc, ks=[2, 4], tokens=tokens,
-                             seeds=(0, 1), progress=False)
-    assert list(frame.columns) == ["policy", "k", "seed", "layers", "flops_ratio", "accuracy"]
+    frame = compare_policies(model, processor, load_shapes_vqa("validation", n=4), lc, ks=[2, 4], tokens=tokens,
+                             seeds=(0, 1), progress=False, evaluation=load_shapes_vqa("test", n=4))
+    assert list(frame.columns) == ["policy", "k", "seed", "layers", "flops_ratio", "accuracy", "split", "n"]
+    assert set(frame.split) == {"validation"} and set(frame.n) == {4}
     assert len(frame) == 1 + 2 * (3 + 2)
     same_k = frame[(frame.k == 2) & (frame.policy != "text")]
     assert same_k.flops_ratio.nunique() == 1
@@ -65,3 +66,30 @@ def test_compare_policies_measures_every_policy_at_every_k(default_model):
     assert frame.accuracy.between(0, 1).all()
     with pytest.raises(ValueError, match="unknown comparison"):
         compare_policies(model, processor, load_shapes_vqa("test", n=2), lc, [1], tokens, compared=["fastv"])
+
+
+def test_compare_and_accuracy_refuse_a_selection_set_that_overlaps_the_evaluation_set(default_model):
+    from analyses.compare import accuracy_on
+    from analyses.heldout import HeldOutOverlap
+
+    model, processor = default_model
+    lc = _tiny_lc(model)
+    test = load_shapes_vqa("test", n=6)
+    with pytest.raises(HeldOutOverlap, match="share 4 rows by id"):
+        compare_policies(model, processor, test.select(range(4)), lc, [1], TokenCounts(3, 100, 14), evaluation=test)
+    with pytest.raises(ValueError, match="allow_overlap=True"):
+        accuracy_on(model, processor, test, evaluation=test.select([5]))
+    with pytest.warns(UserWarning, match="share 1 rows"):
+        accuracy = accuracy_on(model, processor, test, evaluation=test.select([5]), allow_overlap=True)
+    assert (accuracy.split, accuracy.n) == ("test", 6)
+
+
+def _tiny_lc(model):
+    import numpy as np
+    import xarray as xr
+
+    n = model.config.text_config.num_hidden_layers
+    dims = ("sample", "layer", "group")
+    return xr.Dataset({"lc": (dims, np.ones((1, n, 2))), "cosine": (dims, np.zeros((1, n, 2)))},
+                      coords={"sample": ["a"], "layer": range(n), "group": ["visual", "text"]},
+                      attrs={"probe": "layer_contribution"})

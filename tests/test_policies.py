@@ -4,6 +4,7 @@ import xarray as xr
 from transformers import LlamaConfig
 
 from analyses.flops import TokenCounts, flops_ratio
+from eemllm_models import EfficiencyPlan
 from analyses.policies import (
     budget_plan,
     change_candidates,
@@ -100,3 +101,41 @@ def test_shortv_k_by_tolerance_is_the_largest_within_it():
     plan = shortv_within_tolerance(lc, lambda p: 0.9 - (0.2 if 0 in p.layers("frozen") else 0.0), tolerance=0.05)
     assert plan.layers("frozen") == (1, 2, 3)
     assert set(plan.provenance["accuracy_by_k"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_greedy_stops_at_the_flops_target_and_records_it():
+    modes = _mode_result([[0.01, 0.02, 0.03]] * 4)
+    free = greedy_plan(modes, CONFIG, TOKENS, lambda plan: 0.9, tolerance=0.0)
+    stopped = greedy_plan(modes, CONFIG, TOKENS, lambda plan: 0.9, tolerance=0.0, target=0.8)
+    assert flops_ratio(CONFIG, free, TOKENS) < flops_ratio(CONFIG, stopped, TOKENS) <= 0.8
+    assert len(stopped.provenance["trials"]) < len(free.provenance["trials"])
+    # one change fewer would not reach the target: greedy stopped as soon as it got there
+    last = stopped.provenance["trials"][-1]
+    before = EfficiencyPlan.from_layers(4, {i: m for i, m in enumerate(stopped.modes) if m != "full" and i != last["layer"]})
+    assert flops_ratio(CONFIG, before, TOKENS) > 0.8
+    assert stopped.provenance["target"] == 0.8 and stopped.provenance["reached_target"] is True
+    unreachable = greedy_plan(modes, CONFIG, TOKENS, lambda plan: 0.9 - 0.2 * (not plan.is_empty), tolerance=0.05,
+                              target=0.5)
+    assert unreachable.is_empty and unreachable.provenance["reached_target"] is False
+    with pytest.raises(ValueError, match="share of the original"):
+        greedy_plan(modes, CONFIG, TOKENS, lambda plan: 0.9, target=1.5)
+
+
+def test_choosing_policies_record_flops_convention_tokens_and_the_selection_set():
+    modes = _mode_result([[0.01, 0.02, 0.03]] * 4)
+    plan = greedy_plan(modes, CONFIG, TOKENS, lambda plan: 0.9, tolerance=0.0, target=0.8)
+    provenance = plan.provenance
+    assert provenance["flops_convention"] == "shortv"
+    assert provenance["flops_ratio"] == pytest.approx(flops_ratio(CONFIG, plan, TOKENS))
+    assert TokenCounts.from_dict(provenance["tokens"]) == TOKENS
+    assert provenance["accuracy"] == 0.9 and "selection" not in provenance  # a bare callable names no set
+    budget = budget_plan(modes, CONFIG, TOKENS, target=0.6)
+    assert budget.provenance["flops_ratio"] == pytest.approx(flops_ratio(CONFIG, budget, TOKENS))
+    assert budget.provenance["prefill_flops_convention"] == "full"
+
+
+def test_tolerance_k_records_the_accuracy_it_reached():
+    lc = _lc_result([0.5, 0.01, 0.3, 0.0], [0.1, 0.2, 0.9, 0.8])
+    plan = shortv_within_tolerance(lc, lambda p: 0.9 - (0.2 if 0 in p.layers("frozen") else 0.01 * len(p.layers("frozen"))),
+                                   tolerance=0.05)
+    assert plan.provenance["accuracy"] == pytest.approx(0.87) and plan.provenance["baseline_accuracy"] == 0.9
