@@ -18,14 +18,16 @@ import base64
 import binascii
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from eemllm_models.zoo import shapes_vqa
 from eemllm_models.zoo.shapes_vqa import MC_INSTRUCTION, load_shapes_vqa
 
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -231,8 +233,7 @@ def load_benchmark(name: str, path: str | Path | None = None, split: str | None 
     if spec.hub_id is None:
         if path is not None:
             raise ValueError(f"{spec.title} is generated, not read from files; drop path={str(path)!r}")
-        data = load_shapes_vqa(split, n=n, seed=seed)
-        return data.add_column("answers", [[a] for a in data["answer"]]).add_column("group", data["id"])
+        return _scored_columns(load_shapes_vqa(split, n=n, seed=seed))
     if path is None:
         raw, images = _from_hub(spec, split)
         where = f"the cached hub data set {spec.hub_id}"
@@ -426,3 +427,186 @@ def _normalise(spec: BenchmarkSpec, table: datasets.Dataset, rows: list[int],
 
     return table.map(normalise, with_indices=True, remove_columns=table.column_names, features=COLUMNS,
                      desc=f"normalising {spec.title}")
+
+
+def _scored_columns(data: datasets.Dataset) -> datasets.Dataset:
+    """shapes-vqa rows with the :data:`COLUMNS` they lack: ``answers`` (``[answer]``) and ``group`` (the id)."""
+    return data.add_column("answers", [[a] for a in data["answer"]]).add_column("group", data["id"])
+
+
+# ----------------------------------------------------------------------------- reading one range at a time
+
+class RowRanges:
+    """A data set of ``len(self)`` rows that is read one range of rows at a time.
+
+    ``read(start, stop)`` returns rows ``start .. stop - 1`` as a ``datasets.Dataset`` (images
+    decoded, or generated, only then). Only the last range read is kept (so reading two columns
+    of one range builds it once), so a pass over the rows holds one range, whatever their number:
+    this is how ``eemllm latency``/``evaluate`` stream 100,000 samples in flat memory.
+    """
+
+    def __init__(self, n_rows: int, read: Callable[[int, int], datasets.Dataset]) -> None:
+        if n_rows < 0:
+            raise ValueError(f"n_rows must be non-negative, got {n_rows}")
+        self.n_rows = n_rows
+        self._read = read
+        self._last: tuple[int, int, datasets.Dataset] | None = None
+        self._head: datasets.Dataset | None = None
+
+    @classmethod
+    def of(cls, dataset: datasets.Dataset) -> RowRanges:
+        """The rows of an existing (memory-mapped or in-memory) data set, selected one range at a time."""
+        return cls(len(dataset), lambda start, stop: dataset.select(range(start, stop)))
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def rows(self, start: int, stop: int) -> datasets.Dataset:
+        """Rows ``start .. stop - 1`` (clipped to the data set)."""
+        start, stop = max(0, start), min(stop, self.n_rows)
+        stop = max(start, stop)
+        if self._last is None or self._last[:2] != (start, stop):
+            self._last = (start, stop, self._read(start, stop))
+        return self._last[2]
+
+    @property
+    def head(self) -> datasets.Dataset:
+        """No rows, with the data set's columns, features and ``info``."""
+        if self._head is None:
+            self._head = self._read(0, 0)
+        return self._head
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.head.column_names
+
+    @property
+    def info(self) -> datasets.DatasetInfo:
+        return self.head.info
+
+    def ranges(self, size: int) -> Iterator[tuple[int, datasets.Dataset]]:
+        """``(start, rows)`` for consecutive ranges of ``size`` rows (the last one shorter)."""
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        for start in range(0, self.n_rows, size):
+            yield start, self.rows(start, start + size)
+
+    def column(self, name: str) -> Sequence:
+        """Column ``name`` as a lazy sequence: indexing or slicing it reads only the rows asked for."""
+        if name not in self.column_names:
+            raise ValueError(f"the data set has no column {name!r} (its columns: {self.column_names})")
+        return _LazyColumn(self, name)
+
+
+class _LazyColumn(Sequence):
+    def __init__(self, rows: RowRanges, name: str) -> None:
+        self._rows, self._name = rows, name
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self._rows))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            return list(self._rows.rows(start, stop)[self._name])
+        if index < 0:
+            index += len(self._rows)
+        if not 0 <= index < len(self._rows):
+            raise IndexError(index)
+        return self._rows.rows(index, index + 1)[self._name][0]
+
+
+def shapes_vqa_ranges(split: str = "test", n: int | None = None, seed: int = 0,
+                      scored: bool = False) -> RowRanges:
+    """``load_shapes_vqa(split, n, seed)``, generated one range of rows at a time (row for row the same).
+
+    ``scored``: with the ``answers`` and ``group`` columns that :func:`load_benchmark` adds.
+    """
+    size = shapes_vqa.DEFAULT_SIZES.get(split) if n is None else n
+    empty = load_shapes_vqa(split, n=1, seed=seed).select([])  # validates the split; features and info
+    if size is None or size < 0:
+        raise ValueError(f"n must be a non-negative number of rows, got {n!r}")
+
+    def read(start: int, stop: int) -> datasets.Dataset:
+        rows = []
+        for i in range(start, stop):
+            scene = shapes_vqa.make_scene(shapes_vqa.scene_rng(split, i, seed))
+            q = scene.questions[i % len(shapes_vqa.QTYPES)]
+            rows.append({"id": f"{split}-{seed}-{i}", "image": Image.fromarray(scene.image),
+                         "question": q.question, "answer": q.answer, "qtype": q.qtype, "choices": list(q.choices)})
+        data = datasets.Dataset.from_list(rows, features=empty.features, info=empty.info, split=split) \
+            if rows else empty
+        return _scored_columns(data) if scored else data
+
+    return RowRanges(size, read)
+
+
+def benchmark_ranges(name: str, path: str | Path | None = None, split: str | None = None, n: int | None = None,
+                     seed: int = 0) -> RowRanges:
+    """:func:`load_benchmark`'s rows, read one range at a time: shapes-vqa is generated per range;
+    a public set is loaded (memory-mapped from its files) and selected per range."""
+    if name == "shapes-vqa" and path is None:
+        if n is not None and n < 1:
+            raise ValueError(f"n must be a positive number of rows, got {n}")
+        return shapes_vqa_ranges(split or BENCHMARKS[name].split, n=n, seed=seed, scored=True)
+    return RowRanges.of(load_benchmark(name, path=path, split=split, n=n, seed=seed))
+
+
+# ----------------------------------------------------------------------------- the user's own data
+
+LOCAL_FORMATS = "a datasets save_to_disk folder, a .parquet file, a .jsonl/.json file, or a .csv/.tsv file"
+
+
+def load_local_dataset(path: str | Path, image_column: str = "image", split: str | None = None) -> datasets.Dataset:
+    """A user's data set from local files, with ``image_column`` decoding to PIL images.
+
+    ``path``: a folder written by ``datasets.Dataset.save_to_disk`` (of a ``DatasetDict``: its
+    ``split``, needed when it holds several), or one ``.parquet``, ``.jsonl``/``.json`` or ``.csv``/``.tsv`` file (or a folder
+    of parquet files). Images may be stored as image bytes, ``{"bytes", "path"}`` structs, base64
+    text or file paths (a relative path is read from the data file's folder). The rows are
+    memory-mapped from disk (``datasets``' cache for files), not held in memory.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no data at {path}; give {LOCAL_FORMATS}")
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split in data:
+                    data = data[split]
+                elif len(data) == 1:
+                    data = next(iter(data.values()))
+                else:
+                    raise ValueError(f"{path} holds the splits {sorted(data)}; choose one (split=..., CLI --split)")
+        else:
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                raise ValueError(f"{path} is a folder but neither a save_to_disk folder (no dataset_info.json) "
+                                 f"nor a folder of .parquet files; give {LOCAL_FORMATS}")
+            data = _read(files)
+        base = path
+    else:
+        if path.suffix.lower() not in (".parquet", ".jsonl", ".json", ".csv", ".tsv"):
+            raise ValueError(f"cannot read {path}: give {LOCAL_FORMATS}")
+        data = _read([path])
+        base = path.parent
+    if image_column not in data.column_names or isinstance(data.features[image_column], datasets.Image):
+        return data
+    feature = data.features[image_column]
+    if isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+        return data
+
+    def struct(value, k: int) -> dict:
+        if isinstance(value, str) and not Path(value).is_absolute() and _is_file(str(base / value)):
+            value = str(base / value)
+        elif isinstance(value, dict) and isinstance(value.get("path"), str) and value.get("bytes") is None \
+                and not Path(value["path"]).is_absolute():
+            value = {**value, "path": str(base / value["path"])}
+        return {image_column: _image_struct(value, f"{path} row {k} ({image_column!r})")}
+
+    features = datasets.Features({**data.features, image_column: datasets.Image()})
+    return data.map(struct, input_columns=image_column, with_indices=True, features=features,
+                    desc=f"reading the images of {path.name}")

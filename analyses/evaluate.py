@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from eemllm_models import EfficiencyPlan, generate_answers
 from eemllm_models.zoo.shapes_vqa import exact_match, normalize_answer
 
-from .benchmarks import LETTERS, benchmark_spec
+from .benchmarks import LETTERS, RowRanges, benchmark_spec
 
 MME_CATEGORIES = {
     "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -138,7 +138,7 @@ def _score(metric: str, prediction: str, answer: str, choices: Sequence[str], an
 def answer_frame(
     model: PreTrainedModel,
     processor: ProcessorMixin,
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | RowRanges,
     plan: EfficiencyPlan | None = None,
     batch_size: int = 16,
     progress: bool = True,
@@ -149,27 +149,41 @@ def answer_frame(
     max_new_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Answer every row of ``dataset`` (under ``plan`` when given) with greedy ``generate()``,
-    ``batch_size`` padded prompts at a time, decoding one batch of images at a time, and score
-    the answers with :func:`prediction_frame` (its columns and attrs).
+    ``batch_size`` padded prompts at a time, and score the answers with :func:`prediction_frame`
+    (its columns and attrs).
 
-    ``max_new_tokens`` defaults to the benchmark's (16; 8 for shapes-vqa and unregistered sets).
+    Rows are read one batch at a time (images decoded per batch); ``dataset`` may be a
+    :class:`~analyses.benchmarks.RowRanges` (such as :func:`~analyses.benchmarks.benchmark_ranges`),
+    which builds each batch only when it is answered, so memory stays flat in the number of rows.
+    The progress bar counts questions and shows the time left. ``max_new_tokens`` defaults to the
+    benchmark's (16; 8 for shapes-vqa and unregistered sets).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows = dataset if isinstance(dataset, RowRanges) else RowRanges.of(dataset)
     for parameter, column in (("image_column", image_column), ("question_column", question_column),
                               ("answer_column", answer_column)):
-        if column not in dataset.column_names:
-            raise ValueError(f"the data set has no column {column!r} (its columns: {dataset.column_names}); "
+        if column not in rows.column_names:
+            raise ValueError(f"the data set has no column {column!r} (its columns: {rows.column_names}); "
                              f"name the right one with {parameter}=...")
-    spec = benchmark_spec(dataset)
+    spec = benchmark_spec(rows.head)
     tokens = max_new_tokens or (spec.max_new_tokens if spec else 8)
-    questions = list(dataset[question_column])
-    predictions: list[str] = []
-    starts = range(0, len(dataset), batch_size)
-    with plan.applied(model) if plan is not None else nullcontext():
-        for start in tqdm(starts, desc="answering", unit="batch", disable=not progress or len(starts) < 2):
-            images = [_rgb(image) for image in dataset[start : start + batch_size][image_column]]
-            predictions += generate_answers(model, processor, images, questions[start : start + batch_size],
-                                            batch_size, max_new_tokens=tokens, progress=False)
-    return prediction_frame(dataset, predictions, question_column, answer_column, label_column)
+    frames = []
+    bar = tqdm(total=len(rows), desc="answering", unit="question",
+               disable=not progress or len(rows) <= batch_size)
+    with plan.applied(model) if plan is not None else nullcontext(), bar:
+        for start, batch in rows.ranges(batch_size):
+            images = [_rgb(image) for image in batch[image_column]]
+            predictions = generate_answers(model, processor, images, list(batch[question_column]), batch_size,
+                                           max_new_tokens=tokens, progress=False)
+            frames.append(prediction_frame(batch, predictions, question_column, answer_column, label_column,
+                                           first_row=start))
+            bar.update(len(batch))
+    if not frames:
+        frames.append(prediction_frame(rows.head, [], question_column, answer_column, label_column))
+    frame = pd.concat(frames, ignore_index=True)
+    frame.attrs = dict(frames[0].attrs)
+    return frame
 
 
 def prediction_frame(
@@ -178,20 +192,23 @@ def prediction_frame(
     question_column: str = "question",
     answer_column: str = "answer",
     label_column: str = "qtype",
+    first_row: int = 0,
 ) -> pd.DataFrame:
     """Score ``predictions[i]`` (a model's answer to row ``i`` of ``dataset``) by the data set's metric.
 
-    Returns one row per sample: ``id`` (the id column, else the row number), ``qtype`` (the label
-    column, or "all"), ``question``, ``answer``, ``prediction``, ``score`` (in [0, 1]),
-    ``correct`` (score 1) and ``group`` (the group column, else the id); ``frame.attrs`` holds
-    the ``benchmark`` (``dataset.info.dataset_name``) and its ``metric``.
+    Returns one row per sample: ``id`` (the id column, else the row number, counted from
+    ``first_row`` when ``dataset`` is a range of a larger set), ``qtype`` (the label column, or
+    "all"), ``question``, ``answer``, ``prediction``, ``score`` (in [0, 1]), ``correct`` (score 1)
+    and ``group`` (the group column, else the id); ``frame.attrs`` holds the ``benchmark``
+    (``dataset.info.dataset_name``) and its ``metric``.
     """
     if len(predictions) != len(dataset):
         raise ValueError(f"got {len(predictions)} predictions for {len(dataset)} rows; pass one per row")
     spec = benchmark_spec(dataset)
     metric = spec.metric if spec else "exact_match"
     columns = dataset.column_names
-    ids = [str(i) for i in dataset["id"]] if "id" in columns else [str(i) for i in range(len(dataset))]
+    ids = [str(i) for i in dataset["id"]] if "id" in columns else \
+        [str(i) for i in range(first_row, first_row + len(dataset))]
     answers = [str(a) for a in dataset[answer_column]]
     choices = list(dataset["choices"]) if "choices" in columns else [[]] * len(dataset)
     references = list(dataset["answers"]) if "answers" in columns else [[a] for a in answers]

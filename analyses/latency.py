@@ -46,8 +46,9 @@ from eemllm_models.machine import describe
 from eemllm_models.plan import n_decoder_layers
 
 SUMMARY_COLUMNS = ("variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens_per_s_iqr",
-                   "peak_memory_mb", "prefill_speedup", "decode_speedup", "repeats", "batch", "prompt_tokens",
-                   "new_tokens", "device", "dtype")
+                   "peak_memory_mb", "prefill_speedup", "decode_speedup", "prefill_speedup_low",
+                   "prefill_speedup_high", "decode_speedup_low", "decode_speedup_high", "noisy", "repeats", "batch",
+                   "prompt_tokens", "new_tokens", "device", "dtype")
 RAW_COLUMNS = ("variant", "repeat", "prefill_ms", "decode_ms", "decode_tokens_per_s", "peak_memory_mb")
 _MIB = 2**20
 
@@ -138,13 +139,47 @@ def greedy_decode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], ne
     return _greedy(model, inputs, new_tokens, _Clock(model.device))[0]
 
 
-def _encode(model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image],
-            questions: Sequence[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [build_prompt(processor, q) for q in questions[start:start + batch_size]]
-        batches.append(dict(encode_prompts(model, processor, images[start:start + batch_size], prompts, "left")))
-    return batches
+ENCODED_BATCHES_KEPT_BYTES = 256 * 2**20
+"""Encoded batches are kept between runs up to this many bytes of tensors; batches past it are encoded
+again for every run (the same prompts give the same tensors), so memory stays flat in the number of prompts."""
+
+
+class _Batches:
+    """The left-padded encoded batches of ``batch_size`` prompts, encoded when a run first needs them.
+
+    ``images`` and ``questions`` are sliced one batch at a time, so lazy sequences (such as
+    :meth:`analyses.benchmarks.RowRanges.column`) are read, and their images decoded, per batch.
+    The first batches are kept while they fit in ``kept_bytes``; the rest are encoded again on each
+    pass. ``prompt_tokens``: the longest padded batch seen so far.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image],
+                 questions: Sequence[str], batch_size: int, kept_bytes: int = ENCODED_BATCHES_KEPT_BYTES) -> None:
+        self.model, self.processor, self.images, self.questions = model, processor, images, questions
+        self.starts = range(0, len(questions), batch_size)
+        self.batch_size, self.kept_bytes = batch_size, kept_bytes
+        self.kept: list[dict[str, torch.Tensor]] = []
+        self.kept_total = 0
+        self.prompt_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self):
+        for k, start in enumerate(self.starts):
+            if k < len(self.kept):
+                yield self.kept[k]
+                continue
+            stop = start + self.batch_size
+            prompts = [build_prompt(self.processor, q) for q in self.questions[start:stop]]
+            batch = dict(encode_prompts(self.model, self.processor, self.images[start:stop], prompts, "left"))
+            self.prompt_tokens = max(self.prompt_tokens, batch["input_ids"].shape[1])
+            size = sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+            if k == len(self.kept) and self.kept_total + size <= self.kept_bytes:
+                self.kept.append(batch)
+                self.kept_total += size
+            yield batch
+            del batch
 
 
 def _check(model, images, questions, plans, new_tokens, warmup, repeats, batch_size) -> None:
@@ -191,9 +226,13 @@ def measure_latency(
 
     ``plans`` maps a variant name to an :class:`EfficiencyPlan` applied for its runs (``None``:
     the model as it is). The prompts (one per ``questions[i]`` about ``images[i]``) are encoded
-    once, left-padded, in batches of ``batch_size`` (``None``: one batch). A run of a variant
+    left-padded, in batches of ``batch_size`` (``None``: one batch), one batch at a time: the
+    sequences are sliced per batch (pass lazy ones, such as ``RowRanges.column``, for many prompts)
+    and encoded batches are kept up to :data:`ENCODED_BATCHES_KEPT_BYTES`, later ones encoded again
+    (untimed) for each run, so memory does not grow with the number of prompts. A run of a variant
     prefills and decodes every batch (see the module docstring for what is timed); ``warmup``
-    untimed rounds, then ``repeats`` timed ones, each round running every variant in turn.
+    untimed rounds, then ``repeats`` timed ones, each round running every variant in turn. The
+    progress bar counts batches, with the time left.
 
     Returns one row per variant, in ``plans`` order, with columns:
 
@@ -217,11 +256,12 @@ def measure_latency(
     """
     _check(model, images, questions, plans, new_tokens, warmup, repeats, batch_size)
     batch_size = len(questions) if batch_size is None else batch_size
-    batches = _encode(model, processor, images, questions, batch_size)
+    batches = _Batches(model, processor, images, questions, batch_size)
     device = model.device
     clock = _Clock(device)
     rows = []
-    bar = tqdm(total=(warmup + repeats) * len(plans), desc="latency", unit="run", disable=not progress)
+    bar = tqdm(total=(warmup + repeats) * len(plans) * len(batches), desc="latency", unit="batch",
+               disable=not progress)
     with torch.cuda.device(device) if clock.cuda else contextlib.nullcontext():
         for round_ in range(warmup + repeats):
             for name, plan in plans.items():
@@ -229,12 +269,14 @@ def measure_latency(
                     torch.cuda.reset_peak_memory_stats()
                 handle = plan.applied(model) if plan is not None else None
                 try:
-                    times = [_greedy(model, batch, new_tokens, clock)[1:] for batch in batches]
+                    times = []
+                    for batch in batches:
+                        times.append(_greedy(model, batch, new_tokens, clock)[1:])
+                        bar.update()
                 finally:
                     if handle is not None:
                         handle.remove()
                 peak = torch.cuda.max_memory_allocated() / _MIB if clock.cuda else math.nan
-                bar.update()
                 if round_ < warmup:
                     continue
                 prefill, decode = (sum(t[i] for t in times) for i in (0, 1))
@@ -247,7 +289,7 @@ def measure_latency(
     summary = _summarize(raw, list(plans))
     summary["repeats"] = repeats
     summary["batch"] = batch_size
-    summary["prompt_tokens"] = max(b["input_ids"].shape[1] for b in batches)
+    summary["prompt_tokens"] = batches.prompt_tokens
     summary["new_tokens"] = new_tokens
     summary["device"] = str(device)
     summary["dtype"] = str(model.dtype).removeprefix("torch.")
@@ -274,4 +316,15 @@ def _summarize(raw: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     decode = raw.pivot(index="repeat", columns="variant", values="decode_tokens_per_s")
     summary["prefill_speedup"] = prefill.rdiv(prefill[order[0]], axis=0).median()
     summary["decode_speedup"] = decode.div(decode[order[0]], axis=0).median()
+    # Paired-ratio intervals (bootstrap of the median per-repeat ratio); "noisy": the prefill interval includes 1.0.
+    from probes.uncertainty import interval_attrs, paired_ratio_interval
+
+    for name in order:
+        _, summary.loc[name, "prefill_speedup_low"], summary.loc[name, "prefill_speedup_high"] = (
+            paired_ratio_interval(prefill[order[0]], prefill[name]))
+        _, summary.loc[name, "decode_speedup_low"], summary.loc[name, "decode_speedup_high"] = (
+            paired_ratio_interval(decode[name], decode[order[0]]))
+    summary["noisy"] = (summary.prefill_speedup_low <= 1.0) & (summary.prefill_speedup_high >= 1.0)
+    summary.loc[order[0], "noisy"] = False  # the reference itself: its ratio is 1 by definition
+    summary.attrs.update({**interval_attrs(), "interval_method": "bootstrap of the median paired ratio over repeats"})
     return summary.rename_axis("variant").reset_index()

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from eemllm_models import EfficiencyPlan
+from probes import uncertainty
 from eemllm_models.plan import MODES
 
 MODE_COLOURS = {"full": "#d9d9d9", "frozen": "#4c72b0", "naavit": "#dd8452", "composite": "#55a868"}
@@ -45,19 +46,43 @@ def png_bytes(figure: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+def _with_intervals(result: xr.Dataset, variable: str) -> xr.Dataset:
+    if f"{variable}_low" in result and f"{variable}_high" in result:
+        return result
+    return uncertainty.with_intervals(result, variable)
+
+
+def _mean_with_band(ax, result: xr.Dataset, variable: str, dim: str, order: list[str],
+                    colours: dict[str, str] | None = None) -> None:
+    """One line per ``dim`` entry: the mean over samples of ``variable`` ``[sample, layer, dim]`` and a band
+    from its ``<variable>_low``/``_high`` interval (log-safe: clipped at :data:`FLOOR`)."""
+    result = _with_intervals(result, variable)
+    mean = result[variable].mean("sample")
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    for name in order:
+        colour = (colours or {}).get(name, palette[name])
+        at = {dim: name}
+        ax.plot(result.layer.values, mean.sel(at).clip(min=FLOOR).values, marker="o", color=colour, label=name)
+        ax.fill_between(result.layer.values, result[f"{variable}_low"].sel(at).clip(min=FLOOR).values,
+                        result[f"{variable}_high"].sel(at).clip(min=FLOOR).values, color=colour, alpha=0.25,
+                        linewidth=0)
+    ax.legend(title=dim, fontsize=8)
+
+
 def lc_figure(lc: xr.Dataset) -> Figure:
-    """Layer Contribution per layer: mean over samples by group (line, interquartile band, log scale)
-    and the mean as a group × layer heatmap. ``lc``: ``lc`` ``[sample, layer, group]``."""
-    frame = lc.lc.to_dataframe().reset_index()
-    frame["lc"] = frame["lc"].clip(lower=FLOOR)
+    """Layer Contribution per layer: mean over samples by group with its bootstrap interval as a band
+    (``lc_low``/``lc_high``, computed when absent; log scale) and the mean as a group × layer heatmap.
+    ``lc``: ``lc`` ``[sample, layer, group]``."""
     mean = lc.lc.mean("sample").clip(min=FLOOR).transpose("group", "layer").to_pandas()
+    groups = [g for g in ("visual", "text") if g in set(map(str, lc.group.values))]
+    level = _with_intervals(lc, "lc").lc_low.attrs.get("interval_level", uncertainty.LEVEL)
     with _style():
         figure = Figure(figsize=(11, 3.6), layout="constrained")
         line, heat = figure.subplots(1, 2, width_ratios=(1.1, 1))
-        sns.lineplot(frame, x="layer", y="lc", hue="group", estimator="mean", errorbar=("pi", 50), marker="o",
-                     ax=line, hue_order=[g for g in ("visual", "text") if g in set(frame.group)])
+        _mean_with_band(line, lc, "lc", "group", groups)
         line.set_yscale("log")
-        line.set(title="Layer Contribution per layer (mean, IQR band)", ylabel=f"LC ({lc.attrs.get('divergence', '')})")
+        line.set(title=f"Layer Contribution per layer (mean, {level:.0%} bootstrap band)", xlabel="layer",
+                 ylabel=f"LC ({lc.attrs.get('divergence', '')})")
         sns.heatmap(mean, norm=LogNorm(vmin=float(mean.values.min()), vmax=float(mean.values.max())),
                     cmap="mako_r", ax=heat, cbar_kws={"label": "mean LC (log)"}, linewidths=0.3)
         heat.set(title="mean LC: group × layer", xlabel="layer", ylabel="")
@@ -94,18 +119,17 @@ def attention_figure(attention: xr.Dataset) -> Figure:
 
 
 def modes_figure(modes: xr.Dataset) -> Figure:
-    """Contribution of each layer when only it runs each mode (mean over samples, log scale).
+    """Contribution of each layer when only it runs each mode (mean over samples with its bootstrap
+    interval as a band, log scale).
 
-    ``modes``: ``contribution`` ``[sample, layer, mode]``."""
-    frame = modes.contribution.to_dataframe().reset_index()
-    frame["contribution"] = frame["contribution"].clip(lower=FLOOR)
+    ``modes``: ``contribution`` ``[sample, layer, mode]`` (and ``contribution_low``/``_high``)."""
     with _style():
         figure = Figure(figsize=(8, 3.4), layout="constrained")
         ax = figure.subplots()
-        sns.lineplot(frame, x="layer", y="contribution", hue="mode", estimator="mean", errorbar=None, marker="o",
-                     palette={m: MODE_COLOURS[m] for m in set(frame["mode"]) if m in MODE_COLOURS} or None, ax=ax)
+        _mean_with_band(ax, modes, "contribution", "mode", [str(m) for m in modes["mode"].values], MODE_COLOURS)
         ax.set_yscale("log")
-        ax.set(title="Mode contribution: one layer changed at a time", ylabel="divergence from the original")
+        ax.set(title="Mode contribution: one layer changed at a time", xlabel="layer",
+               ylabel="divergence from the original")
     return figure
 
 

@@ -33,10 +33,14 @@ import pandas as pd
 import xarray as xr
 
 import probes
+from probes import uncertainty
 from eemllm_models import EfficiencyPlan
 from eemllm_models.files import atomic_write, atomic_write_dir, atomic_write_text
 
 from . import plots
+from .accuracy import accuracy_table, has_paired_outcomes, paired_table
+from .claims import (FAR_MORE_FACTOR, FAR_MORE_POINTS, ORDER_CLAIM, TEXT_CLAIM, _points, _policy_accuracy,
+                     check_claims)
 
 PROBE_FILES = {"lc": "lc.nc", "attention": "attention.nc", "modes": "mode_contribution.nc"}
 """Report input name -> file name (as ``eemllm probe`` writes them)."""
@@ -47,15 +51,8 @@ PROBE_CONTENTS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "modes": ("mode_contribution", {"contribution": ("sample", "layer", "mode")}),
 }
 """Report input name -> (probe attr, {variable: dims}) a complete probe result has."""
-ORDER_CLAIM = "LC-chosen layers ≥ cosine-chosen ≥ random layers in accuracy at equal FLOPs"
-TEXT_CLAIM = "freezing text tokens in the same layers costs far more accuracy than freezing visual tokens"
-FAR_MORE_FACTOR = 2.0
-FAR_MORE_POINTS = 0.05
-""""Far more": the mean accuracy drop from freezing text is at least this factor times, and this many
-accuracy points (0..1) above, the mean drop from freezing visual tokens in the same layers."""
 ANSWER_ROWS = 40
 """Per-sample answers shown in the page (all of them are in ``answers.csv``)."""
-_TIE = 1e-9
 
 
 def _regenerate(name: str) -> str:
@@ -119,6 +116,9 @@ class ReportInputs:
             result = getattr(self, name)
             if result is not None:
                 check_probe_result(result, name, self.sources.get(name))
+        self.lc = _ensure_intervals(self.lc, "lc")
+        if self.modes is not None:
+            self.modes = _ensure_intervals(self.modes, "contribution")
         n_layers = self.lc.sizes["layer"]
         self.plan.check_layers(n_layers, f"the Layer Contribution result ({self.lc.attrs.get('model', '?')})")
         for name in ("attention", "modes"):
@@ -234,83 +234,94 @@ def load_report_inputs(
 
 # ----------------------------------------------------------------------------- measured claims
 
-def _policy_accuracy(comparison: pd.DataFrame) -> pd.DataFrame:
-    """Mean accuracy (over seeds) and FLOPs ratio per ``[k, policy]``, policies as columns."""
-    return comparison.groupby(["k", "policy"]).agg(accuracy=("accuracy", "mean"), flops_ratio=("flops_ratio", "mean"))
+# check_claims, ORDER_CLAIM, TEXT_CLAIM and the "far more" thresholds live in analyses.claims (decided
+# from intervals) and are re-exported here.
+__all__ = ["FAR_MORE_FACTOR", "FAR_MORE_POINTS", "ORDER_CLAIM", "TEXT_CLAIM", "ReportInputs", "check_claims",
+           "check_probe_result", "load_report_inputs", "report_summary", "write_report"]
 
 
-def _points(value: float) -> str:
-    return f"{100 * value:.1f} points"
+# ----------------------------------------------------------------------------- uncertainty
+
+def _ensure_intervals(result: xr.Dataset, variable: str) -> xr.Dataset:
+    """``result`` with its bootstrap interval variables (added here for files written before they existed)."""
+    if f"{variable}_low" in result and f"{variable}_high" in result and "selection_stability" in result:
+        return result
+    return uncertainty.with_intervals(result, variable)
 
 
-def check_claims(comparison: pd.DataFrame | None, original_accuracy: float | None = None) -> dict[str, dict]:
-    """Verdicts of the two claims the report checks, from the measured ``comparison`` frame.
+def _interval_settings(variable: xr.DataArray) -> dict:
+    attrs = variable.attrs
+    return {"level": attrs.get("interval_level", uncertainty.LEVEL),
+            "method": attrs.get("interval_method", uncertainty.BOOTSTRAP_METHOD),
+            "resamples": attrs.get("interval_resamples", uncertainty.RESAMPLES),
+            "seed": attrs.get("interval_seed", uncertainty.SEED)}
 
-    Returns ``{"policy_order": ..., "text_vs_visual": ...}``, each with ``claim``, ``verdict``
-    (``holds``, ``partly holds``, ``does not hold`` or ``not measured``), ``statement`` (one plain
-    sentence with the numbers) and ``per_k`` (records per compared ``k``). ``original_accuracy``
-    is used when the frame has no ``original`` row.
+
+def lc_intervals(lc: xr.Dataset) -> dict[str, Any]:
+    """Mean Layer Contribution per layer and group with its bootstrap interval (``summary.json``'s ``lc``)."""
+    mean = lc.lc.mean("sample")
+    layers = []
+    for layer in lc.layer.values:
+        record: dict[str, Any] = {"layer": int(layer)}
+        for group in lc.group.values:
+            at = {"layer": layer, "group": group}
+            record[str(group)] = float(mean.sel(at))
+            record[f"{group}_low"] = float(lc.lc_low.sel(at))
+            record[f"{group}_high"] = float(lc.lc_high.sel(at))
+        layers.append(record)
+    return {**_interval_settings(lc.lc_low), "samples": lc.sizes["sample"], "units": lc.lc.attrs.get("units"),
+            "layers": layers}
+
+
+def selection_stability_summary(plan: EfficiencyPlan, lc: xr.Dataset, modes: xr.Dataset | None = None
+                                ) -> list[dict[str, Any]]:
+    """How stable the plan's choice is under bootstrap resamples of the probe samples, per changed mode.
+
+    For ``frozen`` layers the basis is the visual Layer Contribution, for ``naavit``/``composite``
+    layers that mode's contribution (when ``modes`` is given). Each record: ``mode``, ``basis``,
+    ``k`` (layers in that mode), ``layers`` (layer -> share of resamples in which it is among the
+    ``k`` lowest), ``least`` (the smallest share), ``same_set`` (share of resamples whose ``k``
+    lowest are exactly these layers), ``lowest_by_mean`` (whether the plan chose the ``k`` lowest
+    means) and the resample settings.
     """
-    order = {"claim": ORDER_CLAIM, "verdict": "not measured", "per_k": []}
-    text = {"claim": TEXT_CLAIM, "verdict": "not measured", "per_k": []}
-    if comparison is None or comparison.empty:
-        order["statement"] = text["statement"] = "No policy comparison was given."
-        return {"policy_order": order, "text_vs_visual": text}
-    table = _policy_accuracy(comparison)
-    accuracy = table.accuracy.unstack("policy")
-    flops = table.flops_ratio.unstack("policy")
-    original_rows = comparison[comparison.policy == "original"]
-    if len(original_rows):
-        original_accuracy = float(original_rows.accuracy.mean())
-
-    needed = ["shortv", "cosine", "random"]
-    missing = [p for p in needed if p not in accuracy.columns]
-    if missing:
-        order["statement"] = f"The comparison has no {', '.join(missing)} rows."
-    else:
-        rows = accuracy[needed].dropna()
-        for k, row in rows.iterrows():
-            holds = row.shortv >= row.cosine - _TIE and row.cosine >= row.random - _TIE
-            order["per_k"].append({"k": int(k), "flops_ratio": float(flops.loc[k, "shortv"]), "shortv": row.shortv,
-                                   "cosine": row.cosine, "random": row.random, "holds": bool(holds)})
-        held = [r["k"] for r in order["per_k"] if r["holds"]]
-        failed = [r for r in order["per_k"] if not r["holds"]]
-        ks = ", ".join(str(r["k"]) for r in order["per_k"])
-        if not order["per_k"]:
-            order["statement"] = "No k has all of shortv, cosine and random rows."
-        elif not failed:
-            order.update(verdict="holds", statement=f"At every k compared ({ks}) the LC-chosen layers "
-                         "kept at least the accuracy of the cosine-chosen layers, and those at least that of random "
-                         "layers (mean over seeds).")
+    records = []
+    for mode in dict.fromkeys(plan.modes):
+        chosen = list(plan.layers(mode))
+        if mode == "full" or not chosen:
+            continue
+        if mode == "frozen":
+            result, values, column, basis = lc, lc.lc.sel(group="visual"), {"group": "visual"}, "visual LC"
+        elif modes is not None and mode in set(map(str, modes["mode"].values)):
+            result, values, column, basis = modes, modes.contribution.sel(mode=mode), {"mode": mode}, f"{mode} contribution"
         else:
-            detail = "; ".join(f"k={r['k']}: LC {r['shortv']:.1%}, cosine {r['cosine']:.1%}, random {r['random']:.1%}"
-                               for r in failed)
-            order.update(verdict="partly holds" if held else "does not hold",
-                         statement=f"The order fails at "
-                         f"{len(failed)} of {len(order['per_k'])} k compared ({detail}).")
+            continue
+        settings = _interval_settings(result.selection_stability)
+        k = len(chosen)
+        shares = result.selection_stability.sel(k=k, **column).values
+        matrix = values.transpose("sample", "layer").values
+        lowest = set(np.argsort(matrix.mean(0), kind="stable")[:k].tolist())
+        records.append({"mode": mode, "basis": basis, "k": k,
+                        "layers": {str(layer): float(shares[layer]) for layer in chosen},
+                        "least": float(min(shares[layer] for layer in chosen)),
+                        "same_set": uncertainty.set_agreement(matrix, chosen, int(settings["resamples"]),
+                                                              int(settings["seed"])),
+                        "lowest_by_mean": lowest == set(chosen), "samples": int(matrix.shape[0]), **settings})
+    return records
 
-    if "text" not in accuracy.columns or "shortv" not in accuracy.columns or original_accuracy is None:
-        lacking = [p for p in ("shortv", "text") if p not in accuracy.columns]
-        text["statement"] = (f"The comparison has no {', '.join(lacking)} rows." if lacking
-                             else "There is no original accuracy (an 'original' row or the original score).")
-    else:
-        rows = accuracy[["shortv", "text"]].dropna()
-        for k, row in rows.iterrows():
-            text["per_k"].append({"k": int(k), "visual_drop": original_accuracy - row.shortv,
-                                  "text_drop": original_accuracy - row.text})
-        if not text["per_k"]:
-            text["statement"] = "No k has both shortv and text rows."
-        else:
-            visual_drop = float(np.mean([r["visual_drop"] for r in text["per_k"]]))
-            text_drop = float(np.mean([r["text_drop"] for r in text["per_k"]]))
-            holds = text_drop >= FAR_MORE_FACTOR * visual_drop and text_drop - visual_drop >= FAR_MORE_POINTS
-            ks = ", ".join(str(r["k"]) for r in text["per_k"])
-            text.update(verdict="holds" if holds else "does not hold", visual_drop=visual_drop, text_drop=text_drop,
-                        statement=f"In the LC-chosen layers (k = {ks}), "
-                        f"freezing text tokens cost {_points(text_drop)} of accuracy on average, freezing visual "
-                        f"tokens {_points(visual_drop)} (from {original_accuracy:.1%}; \"far more\" means at least "
-                        f"{FAR_MORE_FACTOR:g}× and {_points(FAR_MORE_POINTS)} more).")
-    return {"policy_order": order, "text_vs_visual": text}
+
+def accuracy_intervals(answers: pd.DataFrame | None) -> dict[str, Any] | None:
+    """Per-type and overall accuracy with ``n`` and interval, original and pruned, and their paired difference,
+    from per-question answers with ``correct`` (and ``pruned_correct``) columns; None without them."""
+    if answers is None or answers.empty or "correct" not in answers.columns:
+        return None
+    tables = {"original": accuracy_table(answers, "correct")}
+    result: dict[str, Any] = {}
+    if has_paired_outcomes(answers):
+        tables["pruned"] = accuracy_table(answers, "pruned_correct")
+        result["paired_difference"] = paired_table(answers).to_dict(orient="records")
+    result.update({name: table.to_dict(orient="records") for name, table in tables.items()})
+    result["level"] = float(tables["original"].level.iloc[0])
+    return result
 
 
 # ----------------------------------------------------------------------------- headline figures
@@ -325,8 +336,18 @@ def _latency_headline(latency: pd.DataFrame | None, plan: EfficiencyPlan) -> dic
     if rows.empty:
         return None
     row = rows.loc[rows.prefill_speedup.astype(float).idxmax()]
-    return {"variant": str(row.variant), "prefill_speedup": float(row.prefill_speedup),
-            **({"decode_speedup": float(row.decode_speedup)} if "decode_speedup" in row else {})}
+    headline = {"variant": str(row.variant), "prefill_speedup": float(row.prefill_speedup),
+                **({"decode_speedup": float(row.decode_speedup)} if "decode_speedup" in row else {})}
+    for column in ("prefill_ms", "prefill_ms_iqr", "repeats", "prefill_speedup_low", "prefill_speedup_high",
+                   "decode_speedup_low", "decode_speedup_high"):
+        if column in row and pd.notna(row[column]):
+            headline[column] = float(row[column])
+    if "prefill_speedup_low" in headline and "prefill_speedup_high" in headline:
+        headline["noisy"] = bool(headline["prefill_speedup_low"] <= 1.0 <= headline["prefill_speedup_high"])
+        headline["interval_level"] = float(latency.attrs.get("interval_level", uncertainty.LEVEL))
+    else:
+        headline["noisy"] = None  # no interval: a latency table from before intervals (rerun eemllm latency)
+    return headline
 
 
 def _jsonable(value: Any) -> Any:
@@ -343,7 +364,9 @@ def _jsonable(value: Any) -> Any:
 
 def report_summary(inputs: ReportInputs) -> dict[str, Any]:
     """The headline figures (what ``summary.json`` holds): model, data, plan, FLOPs ratio, accuracy
-    original and pruned, prefill speedup, and the claims' verdicts."""
+    original and pruned, prefill speedup (with its interval and ``noisy`` flag), the claims' verdicts,
+    and the intervals: ``lc`` (:func:`lc_intervals`), ``selection_stability``
+    (:func:`selection_stability_summary`) and ``accuracy_intervals`` (:func:`accuracy_intervals`)."""
     attrs = inputs.lc.attrs
     scores = inputs.scores or {}
     original = scores.get("original", {}).get("overall")
@@ -360,6 +383,9 @@ def report_summary(inputs: ReportInputs) -> dict[str, Any]:
         "latency": _latency_headline(inputs.latency, inputs.plan),
         "pruned_model": None if inputs.pruned_model is None else str(inputs.pruned_model),
         "claims": check_claims(inputs.comparison, original),
+        "lc": lc_intervals(inputs.lc),
+        "selection_stability": selection_stability_summary(inputs.plan, inputs.lc, inputs.modes),
+        "accuracy_intervals": accuracy_intervals(inputs.answers),
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
 
@@ -437,7 +463,8 @@ def _cards(cards: Sequence[tuple[str, str, str]]) -> _Block:
 
 
 def _verdict(claim: dict) -> _Block:
-    css = {"holds": "ok", "partly holds": "warn", "does not hold": "bad"}.get(claim["verdict"], "none")
+    css = {"holds": "ok", "partly holds": "warn", "not resolved at this n": "warn",
+           "does not hold": "bad"}.get(claim["verdict"], "none")
     return _Block(f'<div class="claim {css}"><div class="claim-text">Claim: {html.escape(claim["claim"])}</div>'
                   f'<div><span class="badge">{html.escape(claim["verdict"])}</span> '
                   f'{html.escape(claim["statement"])}</div></div>',
@@ -446,6 +473,24 @@ def _verdict(claim: dict) -> _Block:
 
 
 _percent = "{:.1%}".format
+
+
+def _span(low: float, high: float, formatter: Callable[[float], str] = "{:.3g}".format) -> str:
+    """An interval as ``[low, high]``; n/a when either end is missing."""
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)) or (
+            isinstance(high, float) and math.isnan(high)):
+        return "n/a"
+    return f"[{formatter(low)}, {formatter(high)}]"
+
+
+def _signed_points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _difference_text(record: Mapping[str, float]) -> str:
+    """A difference of accuracies (0..1) with its interval, in points: ``+2.4 [-4.8, +9.5]``."""
+    return (f"{_signed_points(record['difference'])} "
+            f"{_span(record['low'], record['high'], _signed_points)}")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -465,11 +510,39 @@ def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
          "not measured" if accuracy["original"] is None or accuracy["pruned"] is None
          else f"{accuracy['original']:.1%} → {accuracy['pruned']:.1%}",
          "" if accuracy["original"] is None or accuracy["pruned"] is None
-         else f"{100 * (accuracy['pruned'] - accuracy['original']):+.1f} points"),
-        ("Prefill speedup", "not measured" if latency is None else f"{latency['prefill_speedup']:.2f}×",
-         "" if latency is None else f"variant {latency['variant']}"),
+         else _accuracy_card_detail(accuracy, summary.get("accuracy_intervals"))),
+        ("Prefill speedup", *_latency_card(latency)),
     ]
     return [_cards(cards)]
+
+
+def _accuracy_card_detail(accuracy: Mapping[str, float], intervals: Mapping[str, Any] | None) -> str:
+    """The accuracy card's detail: the change in points, with its paired interval and n when the answers allow."""
+    change = f"{100 * (accuracy['pruned'] - accuracy['original']):+.1f} points"
+    paired = (intervals or {}).get("paired_difference")
+    if not paired:
+        return change + " (no per-question answers: no interval)"
+    overall = paired[-1]
+    return (f"{change}; paired {intervals['level']:.0%} interval "
+            f"{_span(overall['low'], overall['high'], _signed_points)} points on {overall['n']} questions, "
+            f"McNemar p = {overall['mcnemar_p']:.2g}" + ("" if overall["resolved"] else "; not resolved at this n"))
+
+
+def _latency_card(latency: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The prefill card's value and detail: the median speedup, flagged noisy when its interval includes 1.0."""
+    if latency is None:
+        return "not measured", ""
+    value = f"{latency['prefill_speedup']:.2f}×"
+    detail = f"variant {latency['variant']}"
+    if "repeats" in latency:
+        detail += f", median of {latency['repeats']:.0f} paired repeats"
+    if latency.get("noisy") is None:
+        return value, detail + "; no interval (a latency table from before intervals: rerun eemllm latency)"
+    span = _span(latency["prefill_speedup_low"], latency["prefill_speedup_high"], "{:.2f}×".format)
+    interval = f"{latency.get('interval_level', uncertainty.LEVEL):.0%} interval {span}"
+    if latency["noisy"]:
+        return f"{value} (noisy)", f"noisy: interval includes 1.0 ({interval}); {detail}"
+    return value, f"{interval}; {detail}"
 
 
 def _claims_section(summary: dict) -> list[_Block]:
@@ -477,9 +550,19 @@ def _claims_section(summary: dict) -> list[_Block]:
     blocks = [_heading("Claims checked", "claims"), _verdict(claims["policy_order"]),
               _verdict(claims["text_vs_visual"])]
     if claims["policy_order"]["per_k"]:
-        blocks.append(_paragraph("Accuracy of each policy at equal k (equal FLOPs):"))
-        blocks.append(_table(pd.DataFrame(claims["policy_order"]["per_k"]),
-                             {"shortv": _percent, "cosine": _percent, "random": _percent, "k": str}))
+        blocks.append(_paragraph("Accuracy of each policy at equal k (equal FLOPs)"
+                                 + (f", with the {claims['policy_order']['level']:.0%} interval of each difference "
+                                    f"in points ({claims['policy_order']['evidence']}, "
+                                    f"{claims['policy_order']['n']} questions):"
+                                    if "lc_minus_cosine" in claims["policy_order"]["per_k"][0] else ":")))
+        frame = pd.DataFrame([{key: value for key, value in r.items() if not isinstance(value, Mapping)}
+                              for r in claims["policy_order"]["per_k"]]).drop(columns="holds")
+        for name, key in (("LC − cosine", "lc_minus_cosine"), ("cosine − random", "cosine_minus_random")):
+            if key in claims["policy_order"]["per_k"][0]:
+                frame.insert(len(frame.columns) - 1, name,
+                             [_difference_text(r[key]) for r in claims["policy_order"]["per_k"]])
+        blocks.append(_table(frame, {"shortv": _percent, "cosine": _percent, "random": _percent, "k": str,
+                                     "flops_ratio": "{:.3f}".format}))
     if claims["text_vs_visual"]["per_k"]:
         frame = pd.DataFrame(claims["text_vs_visual"]["per_k"])
         blocks.append(_paragraph("Accuracy lost against the original, freezing visual or text tokens in the same "
@@ -502,7 +585,30 @@ def _plan_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Bloc
     return blocks
 
 
-def _lc_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+def _stability_blocks(records: Sequence[Mapping[str, Any]]) -> list[_Block]:
+    """Selection stability of the plan's chosen layers (:func:`selection_stability_summary`)."""
+    if not records:
+        return []
+    blocks = [_heading("Selection stability", "stability"),
+              _paragraph("How much the plan's choice depends on which probe samples were drawn: for each chosen "
+                         "layer, the share of bootstrap resamples of the samples in which it is still among the k "
+                         "lowest; 'whole set' is the share in which the k lowest are exactly the chosen layers.")]
+    rows = []
+    for record in records:
+        layers = ", ".join(f"{layer}: {share:.0%}" for layer, share in record["layers"].items())
+        rows.append({"mode": record["mode"], "basis": record["basis"], "k": record["k"], "chosen layers": layers,
+                     "least stable": record["least"], "whole set": record["same_set"],
+                     "samples": record["samples"], "resamples": record["resamples"]})
+        if not record["lowest_by_mean"]:
+            blocks.append(_paragraph(f"The {record['mode']} layers are not the {record['k']} lowest by mean "
+                                     f"{record['basis']}: this plan was chosen another way."))
+    blocks.append(_table(pd.DataFrame(rows), {"k": str, "samples": str, "resamples": str, "least stable": _percent,
+                                              "whole set": _percent}))
+    return blocks
+
+
+def _lc_section(inputs: ReportInputs, figures: dict[str, bytes],
+                summary_stability: Sequence[Mapping[str, Any]] = ()) -> list[_Block]:
     lc = inputs.lc
     mean = lc.mean("sample")
     table = pd.DataFrame({"layer": lc.layer.values, "mode": inputs.plan.modes,
@@ -510,15 +616,30 @@ def _lc_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]
                           "cosine visual": mean.cosine.sel(group="visual").values})
     if "relative_change" in lc:
         table["relative change visual"] = mean.relative_change.sel(group="visual").values
+    level = lc.lc_low.attrs.get("interval_level", uncertainty.LEVEL)
+    for position, group in ((3, "visual"), (5, "text")):
+        table.insert(position, f"{group} {level:.0%} interval",
+                     [_span(lo, hi) for lo, hi in zip(lc.lc_low.sel(group=group).values,
+                                                     lc.lc_high.sel(group=group).values)])
+    frozen = len(inputs.plan.layers("frozen"))
+    if frozen:
+        table[f"among {frozen} lowest"] = lc.selection_stability.sel(k=frozen, group="visual").values
     below = int((table["LC visual"] < table["LC text"]).sum())
     return [_heading("Layer Contribution", "lc"),
             _paragraph(f"How much the output distribution moves ({lc.attrs.get('divergence', '?')} divergence at the "
                        f"{lc.attrs.get('positions', '?')} positions) when one layer's update of one token group is "
                        f"removed, over {lc.sizes['sample']} samples. Visual LC is below text LC in {below} of "
                        f"{len(table)} layers."),
-            _figure(figures["lc.png"], "lc.png", "Layer Contribution per layer and token group (log scale; "
-                    f"values at or below {plots.FLOOR:g}, float noise included, are drawn at {plots.FLOOR:g})"),
-            _table(table, {"layer": str})]
+            _figure(figures["lc.png"], "lc.png", "Layer Contribution per layer and token group (mean with its "
+                    f"{level:.0%} bootstrap interval over samples; log scale; values at or below {plots.FLOOR:g}, "
+                    f"float noise included, are drawn at {plots.FLOOR:g})"),
+            _paragraph(f"Mean LC per layer with its {level:.0%} {_interval_settings(lc.lc_low)['method']} interval "
+                       f"({_interval_settings(lc.lc_low)['resamples']} resamples, seed "
+                       f"{_interval_settings(lc.lc_low)['seed']})"
+                       + (f"; 'among {frozen} lowest': the share of resamples in which the layer's visual LC is "
+                          f"among the {frozen} lowest (the ShortV rule's choice at k = {frozen})." if frozen else ".")),
+            _table(table, {"layer": str, f"among {frozen} lowest": _percent}),
+            *_stability_blocks(summary_stability)]
 
 
 def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
@@ -542,6 +663,67 @@ def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list
             _paragraph("Decoder prefill FLOPs ratio per policy and k:"), _table(flops, {"k": str}, "{:.3f}".format)]
 
 
+def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Block]:
+    """Accuracy per type with n and interval, and the paired original-vs-pruned difference."""
+    if intervals is None:
+        return []
+    level = intervals["level"]
+    original = pd.DataFrame(intervals["original"])
+    frame = pd.DataFrame({"type": original.qtype, "n": original.n, "original": original.accuracy,
+                          f"original {level:.0%}": [_span(a, b, _percent) for a, b in zip(original.low, original.high)]})
+    if "pruned" in intervals:
+        pruned = pd.DataFrame(intervals["pruned"])
+        frame["pruned"] = pruned.accuracy
+        frame[f"pruned {level:.0%}"] = [_span(a, b, _percent) for a, b in zip(pruned.low, pruned.high)]
+    blocks = [_paragraph(f"Accuracy per question type with its number of questions n and {level:.0%} "
+                         f"{original.method.iloc[0]} interval (from the per-question answers):"),
+              _table(frame, {"n": str}, _percent)]
+    if "paired_difference" in intervals:
+        paired = pd.DataFrame(intervals["paired_difference"])
+        table = pd.DataFrame({"type": paired.qtype, "n": paired.n,
+                              "pruned − original (points)": [_difference_text(r) for r in intervals["paired_difference"]],
+                              "only original right": paired.only_original, "only pruned right": paired.only_pruned,
+                              "McNemar p": paired.mcnemar_p,
+                              "verdict": ["resolved" if r else "not resolved at this n" for r in paired.resolved]})
+        blocks += [_paragraph(f"Pruned minus original on the same questions, with a paired {level:.0%} bootstrap "
+                              "interval and the exact McNemar test (only the questions one model got right count):"),
+                   _table(table, {"n": str, "only original right": str, "only pruned right": str,
+                                  "McNemar p": "{:.2g}".format})]
+    return blocks
+
+
+def _latency_blocks(latency: pd.DataFrame) -> list[_Block]:
+    """Latency: median and IQR per variant and the paired speedup interval with its noise flag."""
+    needed = {"variant", "prefill_ms", "prefill_ms_iqr", "prefill_speedup", "prefill_speedup_low",
+              "prefill_speedup_high", "noisy"}
+    if not needed <= set(latency.columns):
+        return [_paragraph("This latency table has no speedup intervals (it was measured before they existed); "
+                           "rerun eemllm latency for them."), _table(latency, {"repeats": str, "batch": str})]
+    level = latency.attrs.get("interval_level", uncertainty.LEVEL)
+    frame = pd.DataFrame({
+        "variant": latency.variant, "prefill ms": latency.prefill_ms, "IQR ms": latency.prefill_ms_iqr,
+        "prefill speedup": latency.prefill_speedup,
+        f"{level:.0%} interval": [_span(a, b, "{:.2f}×".format) for a, b in
+                                  zip(latency.prefill_speedup_low, latency.prefill_speedup_high)],
+        "noisy": [bool(v) if pd.notna(v) else False for v in latency.noisy]})
+    if {"decode_tokens_per_s", "decode_speedup"} <= set(latency.columns):
+        frame["decode tok/s"] = latency.decode_tokens_per_s
+        frame["decode speedup"] = latency.decode_speedup
+    setup = ", ".join(f"{c} {latency[c].iloc[0]}" for c in ("repeats", "batch", "prompt_tokens", "new_tokens", "device",
+                                                          "dtype") if c in latency.columns)
+    blocks = [_paragraph(f"Medians over paired repeats ({setup}); the speedup interval is a bootstrap of the median "
+                         "of the per-repeat ratios to the first variant. Every column is in latency.csv."),
+              _table(frame, {"prefill speedup": "{:.2f}×".format, "decode speedup": "{:.2f}×".format,
+                             "prefill ms": "{:.1f}".format, "IQR ms": "{:.1f}".format,
+                             "decode tok/s": "{:.0f}".format})]
+    noisy = [str(v) for v, flag in zip(latency.variant, latency.noisy) if pd.notna(flag) and bool(flag)]
+    if noisy:
+        blocks.append(_paragraph(f"Noisy: interval includes 1.0 for {', '.join(noisy)}: the timing spread on this "
+                                 "machine is too large to call it faster or slower; rerun with more --repeats on a "
+                                 "quiet machine."))
+    return blocks
+
+
 def _scores_section(inputs: ReportInputs, out: Path) -> list[_Block]:
     blocks: list[_Block] = []
     if inputs.scores is not None:
@@ -551,6 +733,7 @@ def _scores_section(inputs: ReportInputs, out: Path) -> list[_Block]:
                               "pruned": [pruned.get(k, math.nan) for k in keys]})
         frame["change"] = frame.pruned - frame.original
         blocks += [_table(frame, {"change": lambda v: f"{100 * v:+.1f} points"}, _percent)]
+    blocks += _accuracy_interval_blocks(accuracy_intervals(inputs.answers))
     if inputs.pruned_model is not None:
         href = Path(os.path.relpath(os.path.abspath(inputs.pruned_model), os.path.abspath(out))).as_posix() + "/"
         blocks.append(_link("The pruned model", href, f"({href}; load it with eemllm_models.load_pruned)"))
@@ -561,6 +744,10 @@ def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Bl
     blocks: list[_Block] = []
     if inputs.modes is not None:
         mean = inputs.modes.contribution.mean("sample").to_pandas().reset_index()
+        level = inputs.modes.contribution_low.attrs.get("interval_level", uncertainty.LEVEL)
+        for mode in map(str, inputs.modes["mode"].values):
+            mean[f"{mode} {level:.0%}"] = [_span(a, b) for a, b in zip(
+                inputs.modes.contribution_low.sel(mode=mode).values, inputs.modes.contribution_high.sel(mode=mode).values)]
         blocks += [_heading("Mode contributions", "modes"),
                    _paragraph("Divergence from the original output when only one layer runs a mode."),
                    _figure(figures["modes.png"], "modes.png",
@@ -574,7 +761,7 @@ def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Bl
                               f"{inputs.attention.attrs.get('sink_tokens', '?')} token(s) count as sink)."),
                    _figure(figures["attention.png"], "attention.png", "Attention statistics: layer × head")]
     if inputs.latency is not None:
-        blocks += [_heading("Latency", "latency"), _table(inputs.latency, {"repeats": str, "batch": str})]
+        blocks += [_heading("Latency", "latency"), *_latency_blocks(inputs.latency)]
     if inputs.answers is not None:
         shown = inputs.answers.head(ANSWER_ROWS)
         blocks += [_heading("Answers", "answers"),
@@ -670,7 +857,8 @@ def _write_contents(inputs: ReportInputs, out: Path, staging: Path) -> None:
                 f"{inputs.lc.sizes['sample']} samples); "
                 f"generated {summary['generated_at']}")
     blocks = [*_headline(inputs, summary), *_claims_section(summary), *_plan_section(inputs, figures),
-              *_scores_section(inputs, out), *_lc_section(inputs, figures), *_comparison_section(inputs, figures),
+              *_scores_section(inputs, out), *_lc_section(inputs, figures, summary["selection_stability"]),
+              *_comparison_section(inputs, figures),
               *_other_sections(inputs, figures), *_provenance_section(inputs, files)]
     page, markdown = _page(title, subtitle, blocks)
     atomic_write_text(staging / "report.md", markdown)

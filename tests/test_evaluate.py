@@ -20,3 +20,18 @@ def test_missing_answer_column_names_the_fix(default_model):
     data = load_shapes_vqa("test", n=2).remove_columns("answer")
     with pytest.raises(ValueError, match="no column 'answer'.*answer_column="):
         answer_frame(model, processor, data)
+
+
+def test_streamed_rows_answer_like_the_data_set_and_the_bar_shows_the_total(default_model, capsys):
+    from analyses.benchmarks import benchmark_ranges, load_benchmark
+
+    model, processor = default_model
+    whole = answer_frame(model, processor, load_benchmark("shapes-vqa", n=5), batch_size=2, progress=False)
+    streamed = answer_frame(model, processor, benchmark_ranges("shapes-vqa", n=5), batch_size=2)
+    pd.testing.assert_frame_equal(streamed, whole)
+    assert streamed.attrs == whole.attrs == {"benchmark": "shapes-vqa", "metric": "exact_match"}
+    assert "5/5" in capsys.readouterr().err  # the bar counts questions against their total (with the time left)
+    no_ids = load_shapes_vqa("test", n=3).remove_columns("id")
+    assert list(answer_frame(model, processor, no_ids, batch_size=2, progress=False).id) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        answer_frame(model, processor, no_ids, batch_size=0)

@@ -31,6 +31,12 @@ def test_frame_has_one_row_per_variant_and_ratios_to_the_first(default_model, da
     assert (frame["prefill_ms"] > 0).all() and (frame["decode_tokens_per_s"] > 0).all()
     assert (frame[["prefill_ms_iqr", "decode_tokens_per_s_iqr"]] >= 0).all().all()
     assert frame.loc[0, "prefill_speedup"] == 1.0 and frame.loc[0, "decode_speedup"] == 1.0
+    assert frame.loc[0, ["prefill_speedup_low", "prefill_speedup_high"]].tolist() == [1.0, 1.0]
+    assert not frame.noisy[0] and frame.attrs["interval_level"] == 0.95
+    for side in ("prefill", "decode"):
+        assert (frame[f"{side}_speedup_low"] <= frame[f"{side}_speedup"]).all()
+        assert (frame[f"{side}_speedup"] <= frame[f"{side}_speedup_high"]).all()
+    assert (frame.noisy[1:] == ((frame.prefill_speedup_low <= 1) & (frame.prefill_speedup_high >= 1))[1:]).all()
     assert frame["peak_memory_mb"].isna().all()  # CPU: no allocator statistics
     assert frame.loc[0, ["repeats", "batch", "new_tokens", "device", "dtype"]].tolist() == [2, 2, 3, "cpu",
                                                                                            "float32"]
@@ -99,3 +105,21 @@ def test_iqr_is_zero_for_one_repeat(default_model, data):
                             warmup=0, repeats=1, progress=False)
     assert frame.loc[0, "prefill_ms_iqr"] == 0 and frame.loc[0, "batch"] == 1
     assert not math.isnan(frame.loc[0, "decode_tokens_per_s"])
+
+
+def test_prompts_are_encoded_per_batch_and_batches_past_the_budget_again(default_model):
+    from analyses.benchmarks import shapes_vqa_ranges
+    from analyses.latency import _Batches
+
+    model, processor = default_model
+    rows = shapes_vqa_ranges("test", n=5)
+    kept = _Batches(model, processor, rows.column("image"), rows.column("question"), 2)
+    again = _Batches(model, processor, rows.column("image"), rows.column("question"), 2, kept_bytes=0)
+    for first, second in zip([list(kept), list(kept)], [list(again), list(again)]):
+        assert len(first) == len(second) == 3
+        for a, b in zip(first, second):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(kept.kept) == 3 and again.kept == [] and kept.prompt_tokens == again.prompt_tokens > 100
+    frame = measure_latency(model, processor, rows.column("image"), rows.column("question"), {"original": None},
+                            new_tokens=2, warmup=0, repeats=1, batch_size=2, progress=False)
+    assert frame.loc[0, "prompt_tokens"] == kept.prompt_tokens and frame.attrs["prompts"] == 5

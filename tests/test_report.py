@@ -13,8 +13,9 @@ import xarray as xr
 from PIL import Image
 
 import probes
+from analyses.accuracy import accuracy_table, paired_table
 from analyses.policies import freeze_plan
-from analyses.report import ReportInputs, check_claims, load_report_inputs, write_report
+from analyses.report import FAR_MORE_POINTS, ReportInputs, check_claims, load_report_inputs, write_report
 from eemllm_models import EfficiencyPlan, load_shapes_vqa
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,6 +67,26 @@ def _comparison(text_drop: float = 0.08, shortv_first: bool = True) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def _outcome_comparison(n: int, accuracy: dict[str, float], ks=(2, 4), seeds: int = 3) -> pd.DataFrame:
+    """A comparison frame with per-question outcomes as compare_policies writes them: question i is right
+    under a policy when its difficulty is below the policy's accuracy (so the policies' outcomes are nested)."""
+    difficulty = np.random.default_rng(0).random(n)
+    rows = []
+
+    def row(policy, k, seed, target):
+        right = difficulty < target
+        rows.append({"policy": policy, "k": k, "seed": seed, "flops_ratio": 1 - 0.05 * k, "accuracy": right.mean(),
+                     "n": n, "correct": int(right.sum()), "outcomes": "".join("1" if r else "0" for r in right)})
+
+    row("original", 0, 0, accuracy["original"])
+    for k in ks:
+        for policy in ("shortv", "cosine", "text"):
+            row(policy, k, 0, accuracy[policy] - 0.01 * k)
+        for seed in range(seeds):
+            row("random", k, seed, accuracy["random"] - 0.01 * k - 0.01 * seed)
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture(scope="module")
 def measured(default_model):
     """Real probe results of the default model: Layer Contribution and attention statistics on 4 prompts."""
@@ -95,13 +116,17 @@ def report(measured, tmp_path_factory):
     plan = freeze_plan(lc, 7, "shortv")
     plan.save(source / "plan.json")
     _comparison().to_csv(source / "comparison.csv", index=False)
-    pd.DataFrame([{"variant": "original", "prefill_ms": 12.0, "prefill_speedup": 1.0, "decode_speedup": 1.0,
+    pd.DataFrame([{"variant": "original", "prefill_ms": 12.0, "prefill_ms_iqr": 1.0, "prefill_speedup": 1.0,
+                   "prefill_speedup_low": 1.0, "prefill_speedup_high": 1.0, "noisy": False, "decode_speedup": 1.0,
                    "repeats": 20, "device": "cpu"},
-                  {"variant": "pruned", "prefill_ms": 8.0, "prefill_speedup": 1.5, "decode_speedup": 1.1,
+                  {"variant": "pruned", "prefill_ms": 8.0, "prefill_ms_iqr": 3.0, "prefill_speedup": 1.5,
+                   "prefill_speedup_low": 0.9, "prefill_speedup_high": 1.8, "noisy": True, "decode_speedup": 1.1,
                    "repeats": 20, "device": "cpu"}]).to_csv(source / "latency.csv", index=False)
-    pd.DataFrame({"id": ["a", "b"], "qtype": ["color", "exists"], "question": [HOSTILE, "Is there a | circle?\nYes?"],
-                  "answer": ["red", "None"], "prediction": ["red", "no"], "pruned_prediction": ["red", "yes"]}
-                 ).to_csv(source / "demo_answers.csv", index=False)
+    pd.DataFrame({"id": ["a", "b", "c"], "qtype": ["color", "exists", "color"],
+                  "question": [HOSTILE, "Is there a | circle?\nYes?", "What colour?"],
+                  "answer": ["red", "None", "blue"], "prediction": ["red", "no", "blue"],
+                  "pruned_prediction": ["red", "yes", "red"], "correct": [True, False, True],
+                  "pruned_correct": [True, False, False]}).to_csv(source / "demo_answers.csv", index=False)
     (source / "demo_summary.json").write_text(json.dumps({
         "accuracy": {"color": 0.9, "overall": 0.85}, "pruned_accuracy": {"color": 0.8, "overall": 0.8},
         "decoder_flops_ratio": 0.62}))
@@ -150,7 +175,25 @@ def test_report_folder_is_complete_self_contained_and_escaped(report):
     assert EfficiencyPlan.load(out / "plan.json").modes == plan.modes
     reopened = probes.open_result(out / "lc.nc", probe="layer_contribution")
     np.testing.assert_array_equal(reopened.lc.values, lc.lc.values)
-    assert pd.read_csv(out / "answers.csv", keep_default_na=False).answer.tolist() == ["red", "None"]
+    assert pd.read_csv(out / "answers.csv", keep_default_na=False).answer.tolist() == ["red", "None", "blue"]
+
+    # Uncertainty: LC intervals in the data and the page, selection stability, accuracy with n, latency noise.
+    assert reopened.lc_low.dims == ("layer", "group") and reopened.lc_low.attrs["interval_level"] == 0.95
+    first = summary["lc"]["layers"][0]
+    assert first["visual_low"] <= first["visual"] <= first["visual_high"] and summary["lc"]["samples"] == 4
+    stability = summary["selection_stability"]
+    assert [r["mode"] for r in stability] == ["frozen"] and stability[0]["k"] == 7
+    assert set(stability[0]["layers"]) == {str(layer) for layer in plan.layers("frozen")}
+    assert 0 <= stability[0]["same_set"] <= stability[0]["least"] <= 1 and stability[0]["lowest_by_mean"]
+    intervals = summary["accuracy_intervals"]
+    assert [r["qtype"] for r in intervals["original"]] == ["color", "exists", "overall"]
+    assert intervals["original"][-1]["n"] == 3 and intervals["original"][0]["accuracy"] == 1.0
+    paired = intervals["paired_difference"][-1]
+    assert paired["difference"] == pytest.approx(-1 / 3) and paired["resolved"] is False
+    assert summary["latency"]["noisy"] is True and summary["latency"]["prefill_speedup_low"] == 0.9
+    for text in ("noisy: interval includes 1.0", "1.50× (noisy)", "among 7 lowest", "Selection stability",
+                 "visual 95% interval", "McNemar", "not resolved at this n", "Wilson score"):
+        assert text in markup and text in markdown, text
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium) to render the page")
@@ -242,10 +285,66 @@ def test_incomplete_probe_files_name_the_file_and_the_fix(measured, tmp_path):
         _minimal(lc, scores={"pruned": {"overall": 0.5}})
 
 
+def test_accuracy_tables_give_n_and_textbook_intervals():
+    frame = pd.DataFrame({"qtype": ["a"] * 10 + ["b"] * 4, "correct": [1] * 8 + [0] * 2 + [1, 1, 0, 1],
+                          "pruned_correct": [1] * 6 + [0] * 4 + [1, 1, 0, 0]})
+    table = accuracy_table(frame)
+    assert table.qtype.tolist() == ["a", "b", "overall"] and table.n.tolist() == [10, 4, 14]
+    assert (table.low[0], table.high[0]) == pytest.approx((0.4902, 0.9433), abs=5e-5)  # Wilson, 8 of 10
+    paired = paired_table(frame)
+    overall = paired.iloc[-1]
+    assert overall.difference == pytest.approx(-3 / 14) and (overall.only_original, overall.only_pruned) == (3, 0)
+    assert overall.mcnemar_p == pytest.approx(0.25) and overall.low < overall.difference < overall.high
+    graded = frame.assign(score=[0.5] * 14)
+    assert accuracy_table(graded).method.iloc[0] == "percentile bootstrap over questions"
+    assert accuracy_table(graded).low.iloc[-1] == 0.5  # a constant score has a point interval
+    with pytest.raises(ValueError, match="pruned_correct"):
+        paired_table(frame.drop(columns="pruned_correct"))
+
+
+def test_claims_verdicts_use_the_intervals():
+    clear = {"original": 0.97, "shortv": 0.95, "cosine": 0.85, "random": 0.70, "text": 0.40}
+    claims = check_claims(_outcome_comparison(400, clear))
+    assert claims["policy_order"]["verdict"] == "holds" and claims["text_vs_visual"]["verdict"] == "holds"
+    assert claims["policy_order"]["evidence"] == "paired bootstrap over questions"
+    assert claims["policy_order"]["n"] == 400
+    first = claims["policy_order"]["per_k"][0]
+    assert 0 < first["lc_minus_cosine"]["low"] < first["lc_minus_cosine"]["difference"] == pytest.approx(0.1, abs=0.03)
+    margin = claims["text_vs_visual"]["margin"]
+    assert FAR_MORE_POINTS < margin["low"] < margin["difference"] < margin["high"]
+
+    # The same accuracies on 20 questions cannot separate LC from cosine: not resolved at this n.
+    small = check_claims(_outcome_comparison(20, {**clear, "cosine": 0.90, "random": 0.88}))
+    assert small["policy_order"]["verdict"] == "not resolved at this n"
+    assert "not resolved at this n" in small["policy_order"]["statement"]
+    assert "[" in small["policy_order"]["statement"]  # the interval is stated
+    close_text = check_claims(_outcome_comparison(20, {**clear, "text": 0.88}))
+    assert close_text["text_vs_visual"]["verdict"] == "not resolved at this n"
+
+    # Cosine clearly above LC: does not hold; one k clear and one failing: partly holds.
+    reversed_order = check_claims(_outcome_comparison(400, {**clear, "shortv": 0.75}))
+    assert reversed_order["policy_order"]["verdict"] == "does not hold"
+    mixed = pd.concat([_outcome_comparison(400, clear, ks=(2,)).query("policy != 'original'"),
+                       _outcome_comparison(400, {**clear, "shortv": 0.75}, ks=(4,))])
+    assert check_claims(mixed)["policy_order"]["verdict"] == "partly holds"
+    no_drop = check_claims(_outcome_comparison(400, {**clear, "text": 0.93}))
+    assert no_drop["text_vs_visual"]["verdict"] == "does not hold"
+
+    # Only n (no per-question outcomes): independent (Newcombe) intervals.
+    counts = check_claims(_outcome_comparison(400, clear).drop(columns="outcomes"))
+    assert counts["policy_order"]["evidence"].startswith("Newcombe")
+    assert counts["policy_order"]["verdict"] == "holds" and counts["text_vs_visual"]["verdict"] == "holds"
+    assert check_claims(_outcome_comparison(20, {**clear, "cosine": 0.90}).drop(columns="outcomes"))[
+        "policy_order"]["verdict"] == "not resolved at this n"
+
+
 def test_claims_are_decided_from_the_measurements():
+    """A comparison without n (written before intervals) is judged on point estimates and says so."""
     claims = check_claims(_comparison())
     assert claims["policy_order"]["verdict"] == "holds" and claims["text_vs_visual"]["verdict"] == "holds"
     assert claims["text_vs_visual"]["text_drop"] == pytest.approx(0.32)
+    assert "point estimates" in claims["policy_order"]["statement"] and claims["policy_order"]["evidence"] == (
+        "point estimates (the comparison has no n, so no interval)")
 
     reversed_order = check_claims(_comparison(text_drop=0.004, shortv_first=False))
     assert reversed_order["policy_order"]["verdict"] == "does not hold"
