@@ -6,7 +6,8 @@ and the padding mask of each call, finds the visual positions and opens the call
 :class:`~eemllm_models.modes.CallCache`; a forward hook that runs even when the call raises drops
 it. Each non-``full`` decoder layer gets an instance-level ``forward`` that runs its mode. Calls
 whose tokens include no image token (a text-only prompt, or a decoding step with the KV cache)
-run every layer as usual.
+run every layer as usual. The layout is read from a CPU copy of ``input_ids`` (one copy per call;
+decoding steps of one token skip it), so no layer waits on the device to size its tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel
 
 from .families import family_of
 from .layout import TokenLayout
-from .modes import NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, reference_forward
+from .modes import NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, open_call, reference_forward
 from .plan import EfficiencyPlan
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ class AppliedPlan:
         if not self._layers:
             yield
             return
-        self._state.cache = (CallCache(layout, naavit_kernel=self.naavit_kernel, block_masks=_BLOCK_MASKS)
-                             if bool(layout.visual.any()) else None)
+        device = layout.visual.device
+        self._state.cache = open_call(layout.to(torch.device("cpu")), device, self.naavit_kernel, _BLOCK_MASKS)
         try:
             yield
         finally:
@@ -112,15 +113,16 @@ class AppliedPlan:
             if input_ids is None:
                 raise ValueError("a model with an eemllm plan needs input_ids (to find the visual tokens); "
                                  "pass input_ids instead of inputs_embeds")
+            state.cache = None
+            if input_ids.shape[1] == 1:  # a decoding step: a generated token is never an image feature
+                return
             mask = kwargs.get("attention_mask")
             mask = None if mask is None or mask.dim() != 2 else mask[:, -input_ids.shape[1]:]
-            layout = TokenLayout.from_input_ids(input_ids, token_ids, mask)
-            if bool(layout.visual.any()):
-                state.cache = CallCache(layout, naavit_kernel=kernel, block_masks=_BLOCK_MASKS)
-            else:
-                state.cache = None
-                if input_ids.shape[1] > 1:
-                    logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
+            cpu = torch.device("cpu")  # one copy of the ids per call; no layer waits on the device after it
+            layout = TokenLayout.from_input_ids(input_ids.to(cpu), token_ids, None if mask is None else mask.to(cpu))
+            state.cache = open_call(layout, input_ids.device, kernel, _BLOCK_MASKS)
+            if state.cache is None:
+                logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
 
         def end_call(module, args, output):
             state.cache = None

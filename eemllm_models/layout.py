@@ -55,6 +55,12 @@ class TokenLayout:
             raise ValueError(f"attention_mask shape {tuple(valid.shape)} differs from input_ids {tuple(visual.shape)}")
         return cls(visual & valid, valid)
 
+    def to(self, device: torch.device) -> TokenLayout:
+        """This layout on ``device`` (an asynchronous copy from pinned memory on CUDA)."""
+        from .modes import to_device
+
+        return TokenLayout(to_device(self.visual, device), to_device(self.valid, device))
+
     @property
     def text(self) -> torch.Tensor:
         """``[batch, seq]`` bool: valid positions that are not visual."""

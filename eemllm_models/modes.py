@@ -60,6 +60,15 @@ def _flat_positions(index: torch.Tensor, seq: int) -> torch.Tensor:
     return (index + torch.arange(index.shape[0], device=index.device)[:, None] * seq).flatten()
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (on the CPU) on ``device``: through pinned memory and without waiting on CUDA."""
+    if x.device == device:
+        return x
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def take_rows(x: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
     """Rows ``flat`` ``[batch * n]`` of ``x`` ``[batch, seq, ...]`` (seen as ``[batch * seq, ...]``)
     -> ``[batch, n, ...]``."""
@@ -104,6 +113,11 @@ class Rows:
     def n(self) -> int:
         return self.index.shape[1]
 
+    def to(self, device: torch.device) -> Rows:
+        """These rows on ``device`` (an asynchronous copy from pinned memory on CUDA)."""
+        return Rows(*(None if t is None else to_device(t, device) for t in
+                      (self.index, self.ok, self.flat, self.flat_ok, self.slots_ok)))
+
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[batch, seq, ...]`` at these positions -> ``[batch, n, ...]``."""
         return take_rows(x, self.flat, self.n)
@@ -127,7 +141,12 @@ class RowSplit:
 
     @classmethod
     def from_layout(cls, layout: TokenLayout) -> RowSplit:
+        """The split of ``layout``, on its device. Built from a CPU layout, no step waits for a device:
+        :func:`open_call` does that, then moves the split with :meth:`to`."""
         return cls(Rows.where(layout.visual), Rows.where(~layout.visual))
+
+    def to(self, device: torch.device) -> RowSplit:
+        return RowSplit(self.visual_rows.to(device), self.other_rows.to(device))
 
     @property
     def visual(self) -> torch.Tensor:
@@ -377,6 +396,21 @@ class CallCache:
         """Drop every tensor this call holds (the frozen run's buffer included)."""
         self.run = None
         self._derived.clear()
+
+
+def open_call(layout: TokenLayout, device: torch.device, naavit_kernel: str = "gather",
+              block_masks: NaavitBlockMasks | None = None) -> CallCache | None:
+    """The :class:`CallCache` of one forward call whose token ``layout`` is given on the CPU, on
+    ``device``; None when the call has no visual token (its layers run as usual).
+
+    Every count that sizes a tensor (visual rows per sequence, the longest row run) is read from
+    the CPU layout, so neither this nor any layer of the call waits for the device; the index
+    tensors are then copied to ``device`` once.
+    """
+    if not bool(layout.visual.any()):
+        return None
+    split = RowSplit.from_layout(layout).to(device)
+    return CallCache(layout.to(device), split, naavit_kernel=naavit_kernel, block_masks=block_masks)
 
 
 def _attention_function(attn: torch.nn.Module) -> Callable:
