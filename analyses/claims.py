@@ -55,11 +55,12 @@ def _policy_accuracy(comparison: pd.DataFrame) -> pd.DataFrame:
 
 
 def parse_outcomes(text: str) -> np.ndarray:
-    """A comparison row's ``outcomes`` string (``"1101..."``, one character per question) as 0/1 ``[question]``."""
+    """A comparison row's ``outcomes`` string (``"++-+..."``: one ``+`` right / ``-`` wrong per question, as
+    ``compare_policies`` writes it; ``1``/``0`` are read too) as 0/1 ``[question]``."""
     text = str(text).strip()
-    if not text or set(text) - {"0", "1"}:
-        raise ValueError(f"outcomes must be a string of 0 and 1, one per question; got {text[:20]!r}")
-    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")
+    if not text or set(text) - {"+", "-", "0", "1"}:
+        raise ValueError(f"outcomes must be a string of + and -, one per question; got {text[:20]!r}")
+    return np.array([c in "+1" for c in text], dtype=np.float64)
 
 
 def _evidence(comparison: pd.DataFrame) -> str:

@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo's results")
     demo.add_argument("--n", type=int, default=28, help="number of shapes-vqa test questions (default 28)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
-    demo.add_argument("--probe-samples", type=int, default=16,
-                      help="train-split prompts for the Layer Contribution probe (default 16)")
+    demo.add_argument("--probe-samples", type=int, default=96,
+                      help="train-split prompts for the probes (default 96: fewer change the chosen layers, "
+                           "see BENCHMARKS.md)")
     demo.add_argument("--compare-samples", type=int, default=42,
                       help="test questions on which the policies are compared (default 42)")
     demo.add_argument("--overwrite", action="store_true", help="replace a pruned model and report left in --out")

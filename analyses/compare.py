@@ -102,6 +102,14 @@ class HeldOutAccuracy:
                              progress=False)
         return float(frame.correct.mean())
 
+    def outcomes(self, plan: EfficiencyPlan) -> dict:
+        """``accuracy``, ``correct`` (count) and ``outcomes`` (one ``+``/``-`` per question of ``data``, in row
+        order: right or wrong) under ``plan``; what the report's paired intervals read."""
+        right = answer_frame(self.model, self.processor, self.data, plan=plan, batch_size=self.batch_size,
+                             progress=False).correct.to_numpy(dtype=bool)
+        return {"accuracy": float(right.mean()), "correct": int(right.sum()),
+                "outcomes": "".join("+" if r else "-" for r in right)}
+
     @property
     def split(self) -> str:
         return str(describe(self.data)["split"])
@@ -131,8 +139,9 @@ def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: da
 
     Returns one row per (policy, k, seed): columns ``policy``, ``k``, ``seed`` (the random
     policy's; 0 otherwise), ``layers`` (the changed layers), ``flops_ratio`` (``shortv``
-    convention), ``accuracy``, ``split`` and ``n`` (the split and number of questions of ``data``
-    each accuracy was measured on); plus one ``original`` row at ``k`` 0. ``tokens``: the prompt the
+    convention), ``accuracy``, ``correct`` and ``outcomes`` (per question, ``+`` right / ``-`` wrong,
+    for paired intervals: :meth:`HeldOutAccuracy.outcomes`), ``split`` and ``n`` (the split and number
+    of questions of ``data`` each accuracy was measured on); plus one ``original`` row at ``k`` 0. ``tokens``: the prompt the
     FLOPs are counted for (``analyses.tokens.dataset_token_counts``). ``evaluation``: the set the
     chosen plan is scored on, checked to share no row with ``data`` (``allow_overlap`` only warns).
     """
@@ -144,16 +153,16 @@ def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: da
     n_layers = lc.sizes["layer"]
     runs = [(policy, k, seed) for k in ks for policy in compared for seed in (seeds if policy == "random" else (0,))]
     rows = [{"policy": "original", "k": 0, "seed": 0, "layers": [], "flops_ratio": 1.0,
-             "accuracy": accuracy(EfficiencyPlan.empty(n_layers)), **where}]
+             **accuracy.outcomes(EfficiencyPlan.empty(n_layers)), **where}]
     for policy, k, seed in tqdm(runs, desc="comparing policies", unit="plan", disable=not progress):
         plan = freeze_plan(lc, k, "shortv" if policy == "text" else policy, seed)
         layers = list(plan.layers("frozen"))
         if policy == "text":
             with text_frozen(model, layers):
-                score = accuracy(EfficiencyPlan.empty(n_layers))
+                score = accuracy.outcomes(EfficiencyPlan.empty(n_layers))
             ratio = text_frozen_flops_ratio(model.config, layers, tokens)
         else:
-            score, ratio = accuracy(plan), flops_ratio(model.config, plan, tokens)
-        rows.append({"policy": policy, "k": k, "seed": seed, "layers": layers, "flops_ratio": ratio,
-                     "accuracy": score, **where})
+            score, ratio = accuracy.outcomes(plan), flops_ratio(model.config, plan, tokens)
+        rows.append({"policy": policy, "k": k, "seed": seed, "layers": layers, "flops_ratio": ratio, **score,
+                     **where})
     return pd.DataFrame(rows)

@@ -75,7 +75,7 @@ def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
     return evaluation, selection, calibration
 
 
-def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 16,
+def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 96,
              compare_samples: int = 42, overwrite: bool = False) -> DemoResult:
     """Run the demo on ``n`` shapes-vqa test questions and write its files to ``out``.
 

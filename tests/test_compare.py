@@ -56,7 +56,10 @@ def test_compare_policies_measures_every_policy_at_every_k(default_model):
     tokens = TokenCounts(5, 100, 30)
     frame = compare_policies(model, processor, load_shapes_vqa("validation", n=4), lc, ks=[2, 4], tokens=tokens,
                              seeds=(0, 1), progress=False, evaluation=load_shapes_vqa("test", n=4))
-    assert list(frame.columns) == ["policy", "k", "seed", "layers", "flops_ratio", "accuracy", "split", "n"]
+    assert list(frame.columns) == ["policy", "k", "seed", "layers", "flops_ratio", "accuracy", "correct", "outcomes",
+                                   "split", "n"]
+    assert (frame.outcomes.str.len() == 4).all() and (frame.outcomes.map(lambda t: t.count("+")) == frame.correct).all()
+    assert (frame.correct / frame.n == frame.accuracy).all()
     assert set(frame.split) == {"validation"} and set(frame.n) == {4}
     assert len(frame) == 1 + 2 * (3 + 2)
     same_k = frame[(frame.k == 2) & (frame.policy != "text")]

@@ -76,7 +76,7 @@ def _outcome_comparison(n: int, accuracy: dict[str, float], ks=(2, 4), seeds: in
     def row(policy, k, seed, target):
         right = difficulty < target
         rows.append({"policy": policy, "k": k, "seed": seed, "flops_ratio": 1 - 0.05 * k, "accuracy": right.mean(),
-                     "n": n, "correct": int(right.sum()), "outcomes": "".join("1" if r else "0" for r in right)})
+                     "n": n, "correct": int(right.sum()), "outcomes": "".join("+" if r else "-" for r in right)})
 
     row("original", 0, 0, accuracy["original"])
     for k in ks:
@@ -302,9 +302,11 @@ def test_accuracy_tables_give_n_and_textbook_intervals():
         paired_table(frame.drop(columns="pruned_correct"))
 
 
-def test_claims_verdicts_use_the_intervals():
+def test_claims_verdicts_use_the_intervals(tmp_path):
     clear = {"original": 0.97, "shortv": 0.95, "cosine": 0.85, "random": 0.70, "text": 0.40}
     claims = check_claims(_outcome_comparison(400, clear))
+    _outcome_comparison(400, clear).to_csv(tmp_path / "comparison.csv", index=False)
+    assert check_claims(pd.read_csv(tmp_path / "comparison.csv")) == claims  # the outcomes survive the CSV
     assert claims["policy_order"]["verdict"] == "holds" and claims["text_vs_visual"]["verdict"] == "holds"
     assert claims["policy_order"]["evidence"] == "paired bootstrap over questions"
     assert claims["policy_order"]["n"] == 400
