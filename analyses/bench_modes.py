@@ -222,19 +222,22 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 @torch.inference_mode()
 def time_plans(name: str, model, inputs: Mapping[str, torch.Tensor], plans: Mapping[str, EfficiencyPlan],
-               repeats: int, warmup: int = 1, clock: str = "wall", naavit_kernel: str = "auto",
+               repeats: int, warmup: int = 1, clock: str = "wall", naavit_kernel: str | Mapping[str, str] = "auto",
                peak_tflops: float = float("nan")) -> pd.DataFrame:
     """Median prefill seconds per plan (and of the unmodified model, the baseline), interleaved per round.
 
+    ``naavit_kernel``: one kernel for every plan, or one per plan label (``auto`` for those not named).
     Returns one row per plan with the columns of :data:`COLUMNS`.
     """
+    kernels = {label: naavit_kernel if isinstance(naavit_kernel, str) else naavit_kernel.get(label, "auto")
+               for label in plans}
     device = next(model.parameters()).device
     timer = _timer(device, clock)
     times: dict[str, list[float]] = {"original": [], **{p: [] for p in plans}}
     memory: dict[str, float] = {label: float("nan") for label in times}
     for r in range(warmup + repeats):
         for label in times:
-            handle = None if label == "original" else apply_plan(model, plans[label], naavit_kernel=naavit_kernel)
+            handle = None if label == "original" else apply_plan(model, plans[label], naavit_kernel=kernels[label])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             elapsed = timer(lambda: model(**inputs, logits_to_keep=1))

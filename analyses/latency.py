@@ -139,6 +139,16 @@ def greedy_decode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], ne
     return _greedy(model, inputs, new_tokens, _Clock(model.device))[0]
 
 
+def time_greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_tokens: int = 16
+                ) -> tuple[float, float]:
+    """Seconds of the prefill and of the ``new_tokens - 1`` decoding steps of one :func:`greedy_decode`
+    (CUDA events on CUDA): what :func:`measure_latency` times, for callers with their own inputs."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 to time a decoding step, got {new_tokens}")
+    _, prefill, decode = _greedy(model, inputs, new_tokens, _Clock(model.device))
+    return prefill, decode
+
+
 ENCODED_BATCHES_KEPT_BYTES = 256 * 2**20
 """Encoded batches are kept between runs up to this many bytes of tensors; batches past it are encoded
 again for every run (the same prompts give the same tensors), so memory stays flat in the number of prompts."""
