@@ -50,7 +50,8 @@ def stability_table(lc: xr.Dataset, sizes: list[int], k: int, resamples: int = 2
         if not draws:
             continue
         chosen = [_chosen(d, k) for d in draws]
-        per_draw = [selection_stability(d, k, resamples, seed=i)[sorted(c)] for i, (d, c) in enumerate(zip(draws, chosen))]
+        per_draw = [selection_stability(d, k, resamples, seed=i)[sorted(c)]
+                    for i, (d, c) in enumerate(zip(draws, chosen))]
         pairs = list(itertools.combinations(chosen, 2))
         rows.append({
             "samples": n, "draws": len(draws),

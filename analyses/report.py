@@ -292,7 +292,8 @@ def selection_stability_summary(plan: EfficiencyPlan, lc: xr.Dataset, modes: xr.
         if mode == "frozen":
             result, values, column, basis = lc, lc.lc.sel(group="visual"), {"group": "visual"}, "visual LC"
         elif modes is not None and mode in set(map(str, modes["mode"].values)):
-            result, values, column, basis = modes, modes.contribution.sel(mode=mode), {"mode": mode}, f"{mode} contribution"
+            result, values, column = modes, modes.contribution.sel(mode=mode), {"mode": mode}
+            basis = f"{mode} contribution"
         else:
             continue
         settings = _interval_settings(result.selection_stability)
@@ -670,7 +671,8 @@ def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Bloc
     level = intervals["level"]
     original = pd.DataFrame(intervals["original"])
     frame = pd.DataFrame({"type": original.qtype, "n": original.n, "original": original.accuracy,
-                          f"original {level:.0%}": [_span(a, b, _percent) for a, b in zip(original.low, original.high)]})
+                          f"original {level:.0%}": [_span(a, b, _percent)
+                                                    for a, b in zip(original.low, original.high)]})
     if "pruned" in intervals:
         pruned = pd.DataFrame(intervals["pruned"])
         frame["pruned"] = pruned.accuracy
@@ -681,7 +683,8 @@ def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Bloc
     if "paired_difference" in intervals:
         paired = pd.DataFrame(intervals["paired_difference"])
         table = pd.DataFrame({"type": paired.qtype, "n": paired.n,
-                              "pruned − original (points)": [_difference_text(r) for r in intervals["paired_difference"]],
+                              "pruned − original (points)": [_difference_text(r)
+                                                             for r in intervals["paired_difference"]],
                               "only original right": paired.only_original, "only pruned right": paired.only_pruned,
                               "McNemar p": paired.mcnemar_p,
                               "verdict": ["resolved" if r else "not resolved at this n" for r in paired.resolved]})
@@ -747,7 +750,8 @@ def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Bl
         level = inputs.modes.contribution_low.attrs.get("interval_level", uncertainty.LEVEL)
         for mode in map(str, inputs.modes["mode"].values):
             mean[f"{mode} {level:.0%}"] = [_span(a, b) for a, b in zip(
-                inputs.modes.contribution_low.sel(mode=mode).values, inputs.modes.contribution_high.sel(mode=mode).values)]
+                inputs.modes.contribution_low.sel(mode=mode).values,
+                inputs.modes.contribution_high.sel(mode=mode).values)]
         blocks += [_heading("Mode contributions", "modes"),
                    _paragraph("Divergence from the original output when only one layer runs a mode."),
                    _figure(figures["modes.png"], "modes.png",
