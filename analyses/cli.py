@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from eemllm_models.zoo import shapes_vqa
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from eemllm_models.files import ForeignFolderError, replaceable
+
     from .demo import run_demo
+
+    for folder in (args.out / "pruned-model", args.out / "report"):  # refused now, not after the whole run
+        if args.overwrite and not replaceable(folder):
+            raise ForeignFolderError(folder)
 
     result = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples,
                       compare_samples=args.compare_samples, overwrite=args.overwrite)
@@ -59,9 +67,19 @@ def _probe(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.probes) - set(PROBE_FILES))
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; choose from {sorted(PROBE_FILES)}")
+    if args.data is not None:
+        needed = [("--image-column", args.image_column), ("--question-column", args.question_column)]
+        if args.positions == "answer":
+            needed.append(("--answer-column", args.answer_column))
+        data, where = _user_data(args, needed), str(args.data)
+    else:
+        data, where = load_shapes_vqa(args.split, n=args.rows), f"shapes-vqa {args.split} (--rows {args.rows})"
+    if args.samples > len(data):
+        raise ValueError(f"--samples {args.samples} is more than the {len(data)} rows of {where}; lower --samples"
+                         + ("" if args.data is not None else " or raise --rows"))
     model, processor = _load(args)
-    data = load_shapes_vqa(args.split, n=args.rows)
-    common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size)
+    common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size, image_column=args.image_column,
+                  question_column=args.question_column, answer_column=args.answer_column)
     for name in args.probes:
         checkpoint = None if args.checkpoint is None else args.checkpoint / name
         if name == "lc":
@@ -78,6 +96,19 @@ def _probe(args: argparse.Namespace) -> int:
             if name == "lc":
                 _print_lc(result)
     return 0
+
+
+def _user_data(args: argparse.Namespace, needed: list[tuple[str, str]]):
+    """The data set at ``--data`` (``--split`` of a multi-split folder), refused unless it has the ``needed``
+    columns (``(flag, column)`` pairs: the message names the flag that renames it)."""
+    from .benchmarks import load_local_dataset
+
+    data = load_local_dataset(args.data, image_column=args.image_column, split=args.split)
+    for flag, column in needed:
+        if column not in data.column_names:
+            raise ValueError(f"--data {args.data} has no column {column!r} (its columns: {data.column_names}); "
+                             f"name the right one with {flag}")
+    return data
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -201,17 +232,19 @@ def _full_flops(args: argparse.Namespace, config, plan, original_plan) -> None:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from eemllm_models import load_shapes_vqa
+    from eemllm_models import EfficiencyPlan
     from eemllm_models.files import atomic_write
 
+    from .benchmarks import shapes_vqa_ranges
     from .latency import measure_latency
 
+    EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the model loads
     model, processor = _load(args)
     plan = _plan_for(model, args.plan)
-    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
-    frame = measure_latency(model, processor, data["image"], data["question"], {"original": None, "planned": plan},
-                            new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
-                            batch_size=args.batch_size)
+    rows = shapes_vqa_ranges(args.split, n=args.samples, seed=args.seed)  # generated one batch at a time
+    frame = measure_latency(model, processor, rows.column("image"), rows.column("question"),
+                            {"original": None, "planned": plan}, new_tokens=args.new_tokens, warmup=args.warmup,
+                            repeats=args.repeats, batch_size=args.batch_size)
     path = atomic_write(args.out / "latency.csv", lambda tmp: frame.to_csv(tmp, index=False))
     print(frame[["variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "prefill_speedup",
                  "decode_speedup", "peak_memory_mb"]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -229,11 +262,24 @@ def _load(args: argparse.Namespace):
     import torch
 
     from eemllm_models import load_checkpoint
+    from eemllm_models.loading import looks_like_path
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    name = str(args.model)
+    if name != "default" and not Path(name).expanduser().exists() and looks_like_path(name):
+        raise FileNotFoundError(f"no model folder at {name}; pass --model with the folder of a saved model "
+                                "(save_pretrained, or `eemllm prune --out`), a hub id such as "
+                                "llava-hf/llava-1.5-7b-hf, or --model default for the embedded model")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+        index = int(args.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no Apple GPU (MPS) is available here; use --device cpu")
     device_map = "auto" if args.device == "auto" else None
-    model, processor = load_checkpoint(args.model, getattr(torch, args.dtype), device_map)
+    model, processor = load_checkpoint(name, getattr(torch, args.dtype), device_map)
     return (model, processor) if device_map else (model.to(args.device), processor)
 
 
@@ -253,19 +299,40 @@ def _plan_for(model, plan: str | None):
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    import numpy as np
+
+    from eemllm_models import EfficiencyPlan
     from eemllm_models.apply import applied_plan
     from eemllm_models.files import atomic_write, atomic_write_text
 
-    from .benchmarks import load_benchmark
+    from .benchmarks import RowRanges, benchmark_ranges
     from .evaluate import answer_frame, scores
 
-    samples = 140 if args.samples is None and args.benchmark == "shapes-vqa" else args.samples
-    data = load_benchmark(args.benchmark, path=args.data, split=args.split, n=samples, seed=args.seed)
+    benchmark = args.benchmark or ("shapes-vqa" if args.data is None else None)
+    if benchmark == "shapes-vqa" and args.data is not None:
+        raise ValueError("shapes-vqa is generated, not read from files: drop --data, or drop --benchmark to "
+                         "evaluate your own data set at --data")
+    if args.plan is not None:
+        EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the data and the model load
+    columns = dict(image_column=args.image_column, question_column=args.question_column,
+                   answer_column=args.answer_column)
+    if benchmark is None:
+        table = _user_data(args, [("--image-column", args.image_column), ("--question-column", args.question_column),
+                                  ("--answer-column", args.answer_column)])
+        if args.samples is not None and args.samples < len(table):
+            table = table.select(sorted(np.random.default_rng(args.seed).permutation(len(table))[:args.samples]))
+        data = RowRanges.of(table)
+    else:
+        if (args.image_column, args.question_column, args.answer_column) != ("image", "question", "answer"):
+            raise ValueError(f"--benchmark {benchmark} has its own columns; --image-column, --question-column and "
+                             "--answer-column are for your own data set (--data without --benchmark)")
+        samples = 140 if args.samples is None and benchmark == "shapes-vqa" else args.samples
+        data = benchmark_ranges(benchmark, path=args.data, split=args.split, n=samples, seed=args.seed)
     model, processor = _load(args)
     carried = applied_plan(model)
     plan = carried.plan if carried and args.plan is None else _plan_for(model, args.plan)
     frame = answer_frame(model, processor, data, plan=None if carried else plan, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, **columns)
     result = scores(frame)
     atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": result}, indent=1) + "\n")
@@ -276,8 +343,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from eemllm_models import save_pruned
+    from eemllm_models import EfficiencyPlan, save_pruned
+    from eemllm_models.files import ForeignFolderError, replaceable
 
+    if args.out.exists():
+        if not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite to replace it")
+        if not replaceable(args.out):
+            raise ForeignFolderError(args.out)
+    EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the model loads
     model, processor = _load(args)
     plan = _plan_for(model, args.plan)
     path = save_pruned(model, plan, args.out, processor=processor, overwrite=args.overwrite)
@@ -292,6 +366,9 @@ def _report(args: argparse.Namespace) -> int:
 
     from .report import load_report_inputs, write_report
 
+    _check_table(args.latency, "--latency", "latency.csv", "eemllm latency --out DIR", ("variant", "prefill_ms"))
+    _check_table(args.comparison, "--comparison", "the CSV file", "eemllm compare --out FILE.csv",
+                 ("k", "policy", "accuracy"))
     inputs = load_report_inputs(args.probes, plan=args.plan, comparison=args.comparison, latency=args.latency,
                                 answers=args.answers, pruned_model=args.pruned_model)
     if args.scores:
@@ -302,10 +379,80 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_table(path: Path | None, flag: str, name: str, command: str, columns: tuple[str, ...]) -> None:
+    """Refuse a ``flag`` file that is not the CSV table ``command`` writes (with ``columns``), naming it."""
+    import pandas as pd
+
+    if path is None:
+        return
+    fix = f"pass {name} that `{command}` writes"
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file; {fix}")
+    try:
+        found = set(pd.read_csv(path, nrows=0).columns) if path.suffix.lower() == ".csv" else set()
+    except (ValueError, UnicodeDecodeError):  # pandas' ParserError and EmptyDataError are ValueErrors
+        found = set()
+    if not set(columns) <= found:
+        raise ValueError(f"{flag} {path} is not the table `{command.split(' --')[0]}` writes (a .csv file with "
+                         f"columns {', '.join(columns)}, ...); {fix}")
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an interrupted command left open, so that its last line is the command's own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+class _Checked(argparse.Action):
+    """Store an option's value (or each of its values) after ``check(value)``; a problem it returns is
+    reported by argparse as ``FLAG PROBLEM`` (e.g. ``--samples must be at least 1, got 0``), exit code 2."""
+
+    def __init__(self, option_strings, dest, check: Callable[[object], str | None], **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.check = check
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for value in values if isinstance(values, list) else [values]:
+            problem = self.check(value)
+            if problem:
+                parser.error(f"{option_string} {problem}")
+        setattr(namespace, self.dest, values)
+
+
+def _at_least(minimum: int) -> Callable[[int], str | None]:
+    """A :class:`_Checked` check: the value must be at least ``minimum``."""
+    return lambda value: None if value >= minimum else f"must be at least {minimum}, got {value}"
+
+
+DEVICES = "cpu, cuda, cuda:N (N a GPU index), mps, or auto (accelerate spreads the model over the devices)"
+
+
+def _device_problem(device: str) -> str | None:
+    if device in ("cpu", "cuda", "mps", "auto") or re.fullmatch(r"cuda:\d+", device):
+        return None
+    return f"{device!r} is not a device eemllm runs on; choose {DEVICES}"
+
+
+def _int_option(parser: argparse.ArgumentParser, flag: str, minimum: int, **kwargs) -> None:
+    """Add an integer option ``flag`` whose values must be at least ``minimum``."""
+    parser.add_argument(flag, type=int, action=_Checked, check=_at_least(minimum), **kwargs)
+
+
+def _data_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` and the column flags: the user's own data set instead of shapes-vqa."""
+    parser.add_argument("--image-column", default="image", help="--data: the column of the images (default image)")
+    parser.add_argument("--question-column", default="question",
+                        help="--data: the column of the questions (default question)")
+    parser.add_argument("--answer-column", default="answer", help=f"--data: the column of the answers (default "
+                                                                  f"answer; {what})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,31 +462,38 @@ def build_parser() -> argparse.ArgumentParser:
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("--model", default="default",
                          help="model directory (a pruned one comes with its plan) or hub name (default: the embedded one)")
-    loading.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (accelerate device_map)")
+    loading.add_argument("--device", default="cpu", action=_Checked, check=_device_problem,
+                         help="cpu (default), cuda, cuda:N, mps, or auto (accelerate device_map)")
     loading.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
     demo = commands.add_parser("demo", help="run the main job on the embedded default model")
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo's results")
-    demo.add_argument("--n", type=int, default=28, help="number of shapes-vqa test questions (default 28)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the test split (default 0)")
-    demo.add_argument("--probe-samples", type=int, default=96,
+    _int_option(demo, "--n", 1, default=28, help="number of shapes-vqa test questions (default 28)")
+    _int_option(demo, "--seed", 0, default=0, help="seed of the test split (default 0)")
+    _int_option(demo, "--probe-samples", 1, default=96,
                       help="train-split prompts for the probes (default 96: fewer change the chosen layers, "
                            "see BENCHMARKS.md)")
-    demo.add_argument("--compare-samples", type=int, default=42,
+    _int_option(demo, "--compare-samples", 1, default=42,
                       help="test questions on which the policies are compared (default 42)")
     demo.add_argument("--overwrite", action="store_true", help="replace a pruned model and report left in --out")
     demo.set_defaults(run=_demo)
 
     probe = commands.add_parser("probe", parents=[loading],
                                 help="measure Layer Contribution, mode contributions and attention statistics on "
-                                     "shapes-vqa (shard with torchrun/accelerate launch)")
-    probe.add_argument("--samples", type=int, default=40, help="number of samples (default 40, as ShortV)")
-    probe.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
+                                     "shapes-vqa or your own --data (shard with torchrun/accelerate launch)")
+    _int_option(probe, "--samples", 1, default=40, help="number of samples (default 40, as ShortV)")
+    _int_option(probe, "--seed", 0, default=0, help="seed of the sample selection (default 0)")
     probe.add_argument("--out", type=Path, required=True, help="directory for lc.nc and the other probes' files")
     probe.add_argument("--probes", nargs="+", default=list(PROBE_FILES), metavar="PROBE",
                        help=f"which probes to run (default: all of {', '.join(PROBE_FILES)})")
-    probe.add_argument("--split", default="train", help="shapes-vqa split to draw samples from (default train)")
-    probe.add_argument("--rows", type=int, default=1400, help="rows of that split to draw from (default 1400)")
-    probe.add_argument("--batch-size", type=int, default=8)
+    probe.add_argument("--split", default="train",
+                       help="shapes-vqa split to draw samples from (default train); with --data, the split of a "
+                            "save_to_disk folder that holds several")
+    _int_option(probe, "--rows", 1, default=1400, help="rows of that shapes-vqa split to draw from (default 1400)")
+    probe.add_argument("--data", type=Path, default=None,
+                       help="your own data set instead of shapes-vqa: a datasets save_to_disk folder, a parquet file "
+                            "or a jsonl file, one image and question per row")
+    _data_arguments(probe, "read with --positions answer")
+    _int_option(probe, "--batch-size", 1, default=8)
     probe.add_argument("--divergence", default="kl", help="kl (ShortV's, default), kl_reverse or js")
     probe.add_argument("--positions", default="last_prompt", help="last_prompt (default) or answer")
     probe.add_argument("--checkpoint", type=Path, default=None,
@@ -353,28 +507,28 @@ def build_parser() -> argparse.ArgumentParser:
                            "--tolerance); budget: reach --target FLOPs (--modes); greedy: accuracy-checked (--modes)")
     plan.add_argument("--lc", type=Path, default=None, help="lc.nc written by `eemllm probe`")
     plan.add_argument("--modes", type=Path, default=None, help="mode_contribution.nc written by `eemllm probe`")
-    plan.add_argument("--k", type=int, default=None, help="number of layers whose visual tokens are frozen")
+    _int_option(plan, "--k", 0, default=None, help="number of layers whose visual tokens are frozen")
     plan.add_argument("--target", type=float, default=0.5, help="budget: decoder FLOPs share to reach (default 0.5)")
     plan.add_argument("--tolerance", type=float, default=None,
                       help="largest accuracy drop allowed, measured on held-out questions (shortv: chooses k; "
                            "greedy: default 0.01)")
-    plan.add_argument("--samples", type=int, default=70, help="held-out shapes-vqa questions (default 70)")
+    _int_option(plan, "--samples", 1, default=70, help="held-out shapes-vqa questions (default 70)")
     plan.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
-    plan.add_argument("--seed", type=int, default=0, help="seed of the random policy and the held-out questions")
+    _int_option(plan, "--seed", 0, default=0, help="seed of the random policy and the held-out questions")
     plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
     plan.set_defaults(run=_plan)
 
     compare = commands.add_parser("compare", parents=[loading],
                                   help="accuracy vs FLOPs of the freezing policies and the frozen-text control")
     compare.add_argument("--lc", type=Path, required=True, help="lc.nc written by `eemllm probe`")
-    compare.add_argument("--ks", type=int, nargs="+", default=[3, 6, 9], help="numbers of layers to freeze")
+    _int_option(compare, "--ks", 0, nargs="+", default=[3, 6, 9], help="numbers of layers to freeze")
     compare.add_argument("--policies", nargs="+", default=["shortv", "cosine", "random", "text"],
                          help="policies to compare (default: shortv cosine random text)")
-    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random policy")
-    compare.add_argument("--samples", type=int, default=70, help="held-out shapes-vqa questions (default 70)")
+    _int_option(compare, "--seeds", 0, nargs="+", default=[0, 1, 2], help="seeds of the random policy")
+    _int_option(compare, "--samples", 1, default=70, help="held-out shapes-vqa questions (default 70)")
     compare.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the held-out questions")
-    compare.add_argument("--batch-size", type=int, default=16)
+    _int_option(compare, "--seed", 0, default=0, help="seed of the held-out questions")
+    _int_option(compare, "--batch-size", 1, default=16)
     compare.add_argument("--out", type=Path, required=True, help="CSV file to write")
     compare.set_defaults(run=_compare)
 
@@ -386,41 +540,45 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--convention", default="shortv", choices=("shortv", "full"),
                        help="shortv: the paper's attention + MLP count (default); full: every part of a generate() "
                             "call, prefill and per decoded token")
-    flops.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt (default 64, as ShortV)")
-    flops.add_argument("--visual-tokens", type=int, default=None,
+    _int_option(flops, "--text-tokens", 1, default=64, help="text tokens per prompt (default 64, as ShortV)")
+    _int_option(flops, "--visual-tokens", 0, default=None,
                        help="visual tokens per prompt (default: the paper's 576 or 2880; full: --images x the "
                             "tower's tokens per image)")
-    flops.add_argument("--images", type=int, default=1, help="full convention: images per prompt (default 1)")
+    _int_option(flops, "--images", 1, default=1, help="full convention: images per prompt (default 1)")
     flops.set_defaults(run=_flops)
 
     latency = commands.add_parser("latency", parents=[loading],
                                   help="measure prefill time and decode tokens/s of the original and the planned model")
     latency.add_argument("--plan", required=True, help="a preset or a plan JSON file")
-    latency.add_argument("--samples", type=int, default=8, help="shapes-vqa prompts per batch run (default 8)")
-    latency.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: all of them)")
-    latency.add_argument("--new-tokens", type=int, default=16, help="greedy tokens decoded per prompt (default 16)")
-    latency.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    latency.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    _int_option(latency, "--samples", 1, default=8,
+            help="shapes-vqa prompts each run prefills and decodes, generated one batch at a time (default 8)")
+    _int_option(latency, "--batch-size", 1, default=8, help="prompts per forward (default 8)")
+    _int_option(latency, "--new-tokens", 2, default=16, help="greedy tokens decoded per prompt (default 16)")
+    _int_option(latency, "--warmup", 0, default=2, help="untimed rounds first (default 2)")
+    _int_option(latency, "--repeats", 1, default=5, help="timed rounds (default 5)")
     latency.add_argument("--split", default="test", help="shapes-vqa split (default test)")
-    latency.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+    _int_option(latency, "--seed", 0, default=0, help="seed of the prompts (default 0)")
     latency.add_argument("--out", type=Path, required=True, help="directory for latency.csv")
     latency.set_defaults(run=_latency)
 
     evaluate = commands.add_parser("evaluate", parents=[loading],
                                    help="answer a benchmark's questions (under a plan) and score them")
     evaluate.add_argument("--plan", default=None, help="a preset or a plan JSON file (default: no plan)")
-    evaluate.add_argument("--benchmark", default="shapes-vqa",
-                          help="shapes-vqa (built in, default), mmbench, mme, pope, textvqa, gqa, scienceqa-img or "
-                               "seedbench (from --data or the HF cache)")
+    evaluate.add_argument("--benchmark", default=None,
+                          help="shapes-vqa (built in; the default without --data), mmbench, mme, pope, textvqa, gqa, "
+                               "scienceqa-img or seedbench (from --data or the HF cache)")
     evaluate.add_argument("--data", type=Path, default=None,
-                          help="local copy of a public benchmark (its downloaded hub folder or one data file)")
-    evaluate.add_argument("--samples", type=int, default=None,
-                          help="number of questions (default: 140 of shapes-vqa, all of a public set)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the question sample (default 0)")
+                          help="with --benchmark: its local copy (the downloaded hub folder or one data file); "
+                               "without: your own data set (a datasets save_to_disk folder, a parquet file or a jsonl "
+                               "file), scored by exact match")
+    _data_arguments(evaluate, "compared with the prediction")
+    _int_option(evaluate, "--samples", 1, default=None,
+            help="number of questions (default: 140 of shapes-vqa, all of a public set or of --data)")
+    _int_option(evaluate, "--seed", 0, default=0, help="seed of the question sample (default 0)")
     evaluate.add_argument("--split", default=None, help="split (default: the benchmark's own, test for shapes-vqa)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
-                          help="answer length limit (default: 8 for shapes-vqa, 16 for public sets)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    _int_option(evaluate, "--max-new-tokens", 1, default=None,
+            help="answer length limit (default: 8 for shapes-vqa, 16 for public sets)")
+    _int_option(evaluate, "--batch-size", 1, default=16)
     evaluate.add_argument("--out", type=Path, required=True, help="directory for answers.csv and scores.json")
     evaluate.set_defaults(run=_evaluate)
 
@@ -449,13 +607,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``eemllm`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``eemllm`` console script.
+
+    The toolkit's errors about its input (``ValueError``, missing or existing files, a model that
+    will not load) print one line, ``eemllm COMMAND: error: MESSAGE``, and return 2, as argparse
+    does for bad arguments; Ctrl-C prints one line and returns 130; anything else is a bug and
+    keeps its traceback.
+    """
+    from eemllm_models.files import ForeignFolderError
+    from eemllm_models.loading import ModelLoadError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad argument argparse already reported
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
     try:
         return args.run(args)
-    except (ValueError, OSError) as err:
+    except ForeignFolderError as err:
+        print(f"eemllm {args.command}: error: {err.path} was not written by eemllm, so --overwrite does not replace "
+              "it (nothing in it was changed); choose another --out", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ModelLoadError) as err:
         print(f"eemllm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        resumable = getattr(args, "checkpoint", None) is not None
+        print(f"eemllm {args.command}: interrupted" + ("; rerun with the same --checkpoint to resume" if resumable
+                                                      else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

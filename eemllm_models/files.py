@@ -56,6 +56,14 @@ def written_by_eemllm(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def replaceable(path: str | os.PathLike) -> bool:
+    """True when :func:`atomic_write_dir` may replace ``path``: absent, an empty folder, or a folder eemllm wrote."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    return path.is_dir() and (written_by_eemllm(path) or not any(path.iterdir()))
+
+
 def _write_marker(folder: Path) -> None:
     try:
         from importlib.metadata import version
@@ -71,13 +79,13 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None],
     """Call ``write(tmp)`` on a temporary folder next to ``path``, then put it in ``path``'s place.
 
     The new folder gets the :data:`MARKER` file. An existing ``path`` is replaced whole, only once
-    ``write`` has succeeded, and only when eemllm wrote it (it holds the marker): any other existing
-    folder or file raises :class:`ForeignFolderError` before anything is written, and is left untouched.
+    ``write`` has succeeded, and only when eemllm wrote it (it holds the marker) or it is empty: any
+    other existing folder or file raises :class:`ForeignFolderError` before anything is written, and is left untouched.
     If ``write`` raises, ``path`` is left as it was. ``carry``: paths relative to ``path`` that move from
     the old folder into the new one (those the old folder has).
     """
     path = Path(path)
-    if path.exists() and not (path.is_dir() and written_by_eemllm(path)):
+    if not replaceable(path):
         raise ForeignFolderError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -88,7 +96,7 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None],
         if not path.exists():
             os.rename(tmp, path)
             return path
-        if not written_by_eemllm(path):  # appeared or changed while writing
+        if not replaceable(path):  # appeared or changed while writing
             raise ForeignFolderError(path)
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old)

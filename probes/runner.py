@@ -11,6 +11,7 @@ where it stopped without losing or double-counting samples.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -208,6 +209,12 @@ def run_probe(
         state.wait_for_everyone()
         if not state.is_main_process:
             _checkpoint_settings(directory, identity)
+    if directory is not None:
+        saved = [(directory / f"batch-{k:06d}.nc").is_file() for k in mine]
+        if any(saved):
+            print(f"probe {name}: all {len(mine)} batches already saved in {directory}" if all(saved) else
+                  f"probe {name}: resuming at batch {saved.index(False) + 1} of {len(mine)} ({sum(saved)} saved in "
+                  f"{directory})", file=sys.stderr)
     done: list[tuple[int, xr.Dataset]] = []
     for k in tqdm(mine, desc=f"probe {name}", unit="batch", disable=not progress or len(mine) < 2):
         path = None if directory is None else directory / f"batch-{k:06d}.nc"

@@ -52,11 +52,14 @@ def test_overwrite_refuses_a_folder_eemllm_did_not_write_and_leaves_it_untouched
         atomic_write_dir(target, _write({"a.txt": "1"}))
     assert err.value.path == target and not written_by_eemllm(target)
     assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "my notes"
-    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no staging folder left behind
     (tmp_path / "file").write_text("x")
     with pytest.raises(ForeignFolderError):
         atomic_write_dir(tmp_path / "file", _write({"a.txt": "1"}))
     assert (tmp_path / "file").read_text() == "x"
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    atomic_write_dir(tmp_path / "empty", _write({"a.txt": "1"}))
+    assert written_by_eemllm(tmp_path / "empty")
 
 
 def test_overwrite_replaces_a_folder_eemllm_wrote(tmp_path):
