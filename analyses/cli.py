@@ -116,6 +116,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     from . import policies
 
+    if args.target is not None and args.policy not in ("budget", "greedy"):
+        raise ValueError(f"--target is a FLOPs share for --policy budget or greedy; --policy {args.policy} freezes "
+                         "--k layers (or the most --tolerance allows): drop --target")
+    _note_selection_split(args)
+    loaded = counted = None
     if args.policy in policies.POLICIES:
         if (args.k is None) == (args.tolerance is None):
             raise ValueError(f"--policy {args.policy} needs either --k (layers to freeze) or --tolerance "
@@ -126,25 +131,94 @@ def _plan(args: argparse.Namespace) -> int:
         elif args.policy != "shortv":
             raise ValueError("--tolerance chooses k for the shortv policy only; give --k for cosine and random")
         else:
-            plan = policies.shortv_within_tolerance(lc, _held_out_accuracy(args), args.tolerance)
+            loaded = _load(args)
+            plan = policies.shortv_within_tolerance(lc, _held_out_accuracy(args, loaded), args.tolerance)
     elif args.policy in ("budget", "greedy"):
-        from .tokens import shapes_vqa_token_counts
-
         modes = probes.open_result(args.modes or _missing("--modes (mode_contribution.nc from `eemllm probe`)"),
                                    probe="mode_contribution")
-        model, processor = _load(args)
-        tokens = shapes_vqa_token_counts(model, processor)
+        loaded = _load(args)
+        model, _ = loaded
+        counted = _selection_tokens(args, loaded)
+        tokens = counted[0]
         if args.policy == "budget":
-            plan = policies.budget_plan(modes, model.config, tokens, args.target)
+            plan = policies.budget_plan(modes, model.config, tokens, 0.5 if args.target is None else args.target)
         else:
-            plan = policies.greedy_plan(modes, model.config, tokens, _held_out_accuracy(args, (model, processor)),
-                                        0.01 if args.tolerance is None else args.tolerance)
+            plan = policies.greedy_plan(modes, model.config, tokens, _held_out_accuracy(args, loaded),
+                                        0.01 if args.tolerance is None else args.tolerance, target=args.target)
     else:
         raise ValueError(f"unknown policy {args.policy!r}; choose from {[*policies.POLICIES, 'budget', 'greedy']}")
+    plan, flops_line = _plan_flops_provenance(args, plan, loaded, counted)
     path = plan.save(args.out)
     changed = {m: list(plan.layers(m)) for m in ("frozen", "naavit", "composite") if plan.layers(m)}
     print(f"{args.policy}: {changed or 'no layer changed'}; wrote {path}")
+    print(flops_line)
+    print(_accuracy_line(plan))
+    if plan.provenance.get("reached_target") is False:
+        print(f"note: greedy kept every change within --tolerance {plan.provenance['tolerance']} and stopped at "
+              f"{plan.provenance['flops_ratio']:.1%} of the FLOPs, above --target {args.target}; allow a larger "
+              "--tolerance to go further")
     return 0
+
+
+def _note_selection_split(args: argparse.Namespace) -> None:
+    """Say so when a choice is made on the test split, where final scores are reported."""
+    if getattr(args, "split", None) == "test":
+        print("note: choosing on the test split, where `eemllm evaluate` reports final scores; a plan chosen on "
+              "the questions it is scored on overstates its accuracy (use --split validation)", file=sys.stderr)
+
+
+def _selection_tokens(args: argparse.Namespace, loaded):
+    """The mean prompt of the ``--samples`` ``--split`` questions choices are made on, and its source."""
+    from eemllm_models import load_shapes_vqa
+
+    from .tokens import dataset_token_counts, describe_rows
+
+    model, processor = loaded
+    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    return dataset_token_counts(model, processor, data), describe_rows(data)
+
+
+def _plan_flops_provenance(args: argparse.Namespace, plan, loaded, counted=None):
+    """``plan`` with its FLOPs recorded (ratio, convention, prompt) and the line ``eemllm plan`` prints:
+    counted for the selection questions' mean prompt when a model was loaded (``counted``, if already
+    known), else for the prompt ``analyses.tokens.resolve_token_counts`` gives ``--model``."""
+    from .flops import flops_figures, flops_provenance, load_config
+    from .tokens import resolve_token_counts
+
+    try:
+        if loaded is not None:
+            config = loaded[0].config
+            tokens, source = counted or _selection_tokens(args, loaded)
+        else:
+            config = load_config(args.model)
+            tokens, source = resolve_token_counts(args.model, plan, config)
+        figures = flops_figures(config, plan, tokens)
+    except (ValueError, OSError) as err:
+        return plan, f"FLOPs: not counted ({err}; pass the plan's model with --model)"
+    plan = plan.with_provenance(**flops_provenance(config, plan, tokens, source))
+    return plan, _flops_line(figures, source)
+
+
+def _flops_line(figures, source: str) -> str:
+    from .flops import format_flops
+
+    line = (f"decoder prefill FLOPs: {figures['decoder_flops_ratio']:.1%} of the original (shortv convention; "
+            f"{format_flops(figures['decoder_flops_original'])} -> {format_flops(figures['decoder_flops_pruned'])} "
+            f"for {figures['text_tokens']} text + {figures['visual_tokens']} visual tokens, {source})")
+    if "prefill_flops_ratio" in figures:
+        line += f"; whole prefill {figures['prefill_flops_ratio']:.1%} (full convention)"
+    return line
+
+
+def _accuracy_line(plan) -> str:
+    provenance = plan.provenance
+    if "accuracy" not in provenance:
+        return ("held-out accuracy: not measured by this policy (choose with --tolerance or --policy greedy, or "
+                "score the plan with `eemllm evaluate --plan`)")
+    where = provenance.get("selection", {})
+    return (f"held-out accuracy on {where.get('dataset', 'shapes-vqa')} {where.get('split', '?')} "
+            f"(n={where.get('n', '?')}): {provenance['accuracy']:.1%} "
+            f"(original {provenance['baseline_accuracy']:.1%}); score it on the test split with `eemllm evaluate`")
 
 
 def _missing(what: str):
@@ -152,7 +226,8 @@ def _missing(what: str):
 
 
 def _held_out_accuracy(args: argparse.Namespace, loaded=None):
-    """``plan -> accuracy`` on ``--samples`` shapes-vqa questions of ``--split`` (held out from the probe's)."""
+    """``plan -> accuracy`` on ``--samples`` shapes-vqa questions of the selection ``--split`` (default
+    validation: held out from the probe's train prompts and from the test split that scores the plan)."""
     from eemllm_models import load_shapes_vqa
 
     from .compare import accuracy_on
@@ -167,16 +242,19 @@ def _compare(args: argparse.Namespace) -> int:
     from eemllm_models.files import atomic_write
 
     from .compare import compare_policies
-    from .tokens import shapes_vqa_token_counts
+    from .tokens import dataset_token_counts, describe_rows
 
+    _note_selection_split(args)
     lc = probes.open_result(args.lc, probe="layer_contribution")
     model, processor = _load(args)
-    frame = compare_policies(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed), lc,
-                             args.ks, shapes_vqa_token_counts(model, processor), args.policies, args.seeds,
-                             args.batch_size)
+    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    tokens = dataset_token_counts(model, processor, data)
+    frame = compare_policies(model, processor, data, lc, args.ks, tokens, args.policies, args.seeds, args.batch_size)
     path = atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False))
     table = frame.groupby(["k", "policy"], sort=False).agg(flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean"))
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"accuracy on shapes-vqa {args.split} (n={len(data)}); FLOPs: shortv convention for the "
+          f"{describe_rows(data)}, {tokens.text} text + {tokens.visual} visual tokens")
     print(f"wrote {path}")
     return 0
 
@@ -184,51 +262,68 @@ def _compare(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     from eemllm_models import EfficiencyPlan
 
-    from .flops import load_config
+    from .flops import load_config, visual_tokens_per_image
+    from .tokens import resolve_token_counts
 
     config = load_config(args.model)
     n_layers = config.get_text_config().num_hidden_layers
     plan = _plan_for(n_layers, args.plan)
-    (_shortv_flops if args.convention == "shortv" else _full_flops)(args, config, plan, EfficiencyPlan.empty(n_layers))
+    plan.check_layers(n_layers, f"--model {args.model}")
+    visual = args.visual_tokens
+    if visual is None and args.images != 1:
+        visual = args.images * visual_tokens_per_image(config)
+    try:
+        tokens, source = resolve_token_counts(args.model, plan, config, args.text_tokens, visual)
+    except ValueError as err:
+        raise ValueError(f"{err}; give --text-tokens and --visual-tokens") from err
+    (_shortv_flops if args.convention == "shortv" else _full_flops)(args, config, plan, EfficiencyPlan.empty(n_layers),
+                                                                    tokens, source)
     return 0
 
 
-def _shortv_flops(args: argparse.Namespace, config, plan, original_plan) -> None:
-    from .flops import shortv_convention_flops
-
-    original = shortv_convention_flops(config, original_plan, args.text_tokens, args.visual_tokens)
-    planned = shortv_convention_flops(config, plan, args.text_tokens, args.visual_tokens)
-    print(f"{args.model}, plan {args.plan or 'none'} ({len(plan.layers('frozen'))} frozen layers), "
-          "ShortV convention (attention + MLP):")
-    print(f"  original {original / 1e12:.1f} TFLOPs, planned {planned / 1e12:.1f} TFLOPs "
-          f"({planned / original:.0%}), FLOPs-ideal speedup {original / planned:.2f}x")
+def _describe_modes(plan) -> str:
+    changed = [f"{len(plan.layers(m))} {m} layers" for m in ("frozen", "naavit", "composite") if plan.layers(m)]
+    return ", ".join(changed) or "no layer changed"
 
 
-def _full_flops(args: argparse.Namespace, config, plan, original_plan) -> None:
+def _shortv_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
+    from .flops import format_flops, plan_flops
+
+    original = float(plan_flops(config, original_plan, tokens).flops.sum())
+    planned = float(plan_flops(config, plan, tokens).flops.sum())
+    print(f"{args.model}, plan {args.plan or 'none'} ({_describe_modes(plan)}), ShortV convention (decoder prefill, "
+          f"attention + MLP), {tokens.text} text + {tokens.visual} visual tokens ({source}):")
+    print(f"  original {format_flops(original)}, planned {format_flops(planned)} "
+          f"({planned / original:.1%} of the original), FLOPs-ideal speedup {original / planned:.2f}x")
+
+
+def _full_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
     import pandas as pd
 
-    from .flops import PARTS, TokenCounts, full_flops, visual_tokens_per_image
+    from .flops import PARTS, flops_unit, full_flops
 
     try:
-        visual = args.visual_tokens or args.images * visual_tokens_per_image(config)
         parts = PARTS
-        full_flops(config, original_plan, TokenCounts(0, visual, args.text_tokens))
+        full_flops(config, original_plan, tokens)
     except NotImplementedError as err:
         if args.visual_tokens is None:
             raise ValueError(f"{err}; give --visual-tokens to count the language model alone") from err
         parts = ("decoder", "lm_head")
         print(f"note: {err}; counting the language model only")
-    tokens = TokenCounts(0, visual, args.text_tokens)
     rows = {}
     for name, chosen in (("original", original_plan), ("planned", plan)):
         frame = full_flops(config, chosen, tokens, decode_tokens=1, parts=parts)
         rows[name] = frame.assign(where=frame.phase + " " + frame.part).groupby("where", sort=False).flops.sum()
-    table = pd.DataFrame(rows) / 1e12
+    table = pd.DataFrame(rows)
     table.loc["prefill total"] = table.filter(like="prefill", axis=0).sum()
+    scale, unit = flops_unit(table.loc["prefill total", "original"])
+    ratio = table.loc["prefill total", "planned"] / table.loc["prefill total", "original"]
+    table = table / scale
     table["planned / original"] = table.planned / table.original
-    print(f"{args.model}, plan {args.plan or 'none'}, {visual} visual + {args.text_tokens} text tokens, "
-          "full count (TFLOPs; decode: one token):")
+    print(f"{args.model}, plan {args.plan or 'none'} ({_describe_modes(plan)}), {tokens.visual} visual + "
+          f"{tokens.text} text tokens ({source}), full count ({unit}; decode: one token):")
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"prefill total: {ratio:.1%} of the original (full convention)")
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -374,6 +469,10 @@ def _report(args: argparse.Namespace) -> int:
     if args.scores:
         original, pruned = (json.loads(Path(p).read_text())["scores"] for p in args.scores)
         inputs = dataclasses.replace(inputs, scores={"original": original, "pruned": pruned})
+    if inputs.flops is None or args.model is not None:
+        flops = _report_flops(args.model or inputs.lc.attrs.get("model"), inputs.plan)
+        if flops is not None:
+            inputs = dataclasses.replace(inputs, flops=flops)
     path = write_report(inputs, args.out, overwrite=args.overwrite)
     print(f"wrote {path} (and report.md, figures/, summary.json beside it)")
     return 0
@@ -395,6 +494,24 @@ def _check_table(path: Path | None, flag: str, name: str, command: str, columns:
     if not set(columns) <= found:
         raise ValueError(f"{flag} {path} is not the table `{command.split(' --')[0]}` writes (a .csv file with "
                          f"columns {', '.join(columns)}, ...); {fix}")
+
+
+def _report_flops(model: str | None, plan):
+    """The report's FLOPs figures for ``plan`` on ``model`` (the probes' model unless ``--model``), with the
+    token counts of ``analyses.tokens``; None (and a note saying why) when they cannot be counted."""
+    from .flops import flops_figures, load_config
+    from .tokens import resolve_token_counts
+
+    if not model:
+        print("note: FLOPs not counted: the probe result names no model; pass --model", file=sys.stderr)
+        return None
+    try:
+        config = load_config(model)
+        tokens, _ = resolve_token_counts(model, plan, config)
+        return flops_figures(config, plan, tokens)
+    except (ValueError, OSError) as err:
+        print(f"note: FLOPs not counted ({err}); pass --model with the plan's model", file=sys.stderr)
+        return None
 
 
 def _is_main_process() -> bool:
@@ -473,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train-split prompts for the probes (default 96: fewer change the chosen layers, "
                            "see BENCHMARKS.md)")
     _int_option(demo, "--compare-samples", 1, default=42,
-                      help="test questions on which the policies are compared (default 42)")
+                      help="validation questions on which the policies are compared (default 42; the demo scores on test)")
     demo.add_argument("--overwrite", action="store_true", help="replace a pruned model and report left in --out")
     demo.set_defaults(run=_demo)
 
@@ -508,12 +625,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lc", type=Path, default=None, help="lc.nc written by `eemllm probe`")
     plan.add_argument("--modes", type=Path, default=None, help="mode_contribution.nc written by `eemllm probe`")
     _int_option(plan, "--k", 0, default=None, help="number of layers whose visual tokens are frozen")
-    plan.add_argument("--target", type=float, default=0.5, help="budget: decoder FLOPs share to reach (default 0.5)")
+    plan.add_argument("--target", type=float, default=None,
+                      help="decoder FLOPs share to reach: budget (default 0.5) stops there; greedy stops trying once "
+                           "it is reached (default: tries every change)")
     plan.add_argument("--tolerance", type=float, default=None,
                       help="largest accuracy drop allowed, measured on held-out questions (shortv: chooses k; "
                            "greedy: default 0.01)")
-    _int_option(plan, "--samples", 1, default=70, help="held-out shapes-vqa questions (default 70)")
-    plan.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
+    _int_option(plan, "--samples", 1, default=70,
+                      help="shapes-vqa questions the choice is measured on (default 70)")
+    plan.add_argument("--split", default="validation",
+                      help="shapes-vqa split the choice is measured on (default validation: held out from the "
+                           "probes' train prompts and from the test split on which `eemllm evaluate` scores the plan)")
     _int_option(plan, "--seed", 0, default=0, help="seed of the random policy and the held-out questions")
     plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
     plan.set_defaults(run=_plan)
@@ -525,8 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--policies", nargs="+", default=["shortv", "cosine", "random", "text"],
                          help="policies to compare (default: shortv cosine random text)")
     _int_option(compare, "--seeds", 0, nargs="+", default=[0, 1, 2], help="seeds of the random policy")
-    _int_option(compare, "--samples", 1, default=70, help="held-out shapes-vqa questions (default 70)")
-    compare.add_argument("--split", default="test", help="held-out shapes-vqa split (default test)")
+    _int_option(compare, "--samples", 1, default=70, help="shapes-vqa questions to compare on (default 70)")
+    compare.add_argument("--split", default="validation",
+                         help="shapes-vqa split to compare on (default validation: comparing chooses a policy and k, "
+                              "so it runs on questions the test split, which scores the final plan, does not hold)")
     _int_option(compare, "--seed", 0, default=0, help="seed of the held-out questions")
     _int_option(compare, "--batch-size", 1, default=16)
     compare.add_argument("--out", type=Path, required=True, help="CSV file to write")
@@ -540,10 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--convention", default="shortv", choices=("shortv", "full"),
                        help="shortv: the paper's attention + MLP count (default); full: every part of a generate() "
                             "call, prefill and per decoded token")
-    _int_option(flops, "--text-tokens", 1, default=64, help="text tokens per prompt (default 64, as ShortV)")
+    _int_option(flops, "--text-tokens", 1, default=None,
+                       help="text tokens per prompt (default: the prompt the plan recorded; 64 for the paper models, "
+                            "as ShortV; else the mean shapes-vqa test prompt through the model's processor)")
     _int_option(flops, "--visual-tokens", 0, default=None,
-                       help="visual tokens per prompt (default: the paper's 576 or 2880; full: --images x the "
-                            "tower's tokens per image)")
+                       help="visual tokens per prompt (default: the plan's recorded prompt; the paper's 576 or 2880; "
+                            "else the model's own count for a shapes-vqa image)")
     _int_option(flops, "--images", 1, default=1, help="full convention: images per prompt (default 1)")
     flops.set_defaults(run=_flops)
 
@@ -593,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scores.json of `eemllm evaluate` without and with the plan")
     report.add_argument("--answers", type=Path, default=None, help="answers.csv of `eemllm evaluate`")
     report.add_argument("--pruned-model", type=Path, default=None, help="folder written by `eemllm prune`")
+    report.add_argument("--model", default=None,
+                        help="model (default, a shipped paper config, a folder) whose config counts the FLOPs "
+                             "headline (default: the probes' model)")
     report.add_argument("--out", type=Path, required=True, help="report folder to write (refused if it exists)")
     report.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     report.set_defaults(run=_report)

@@ -18,6 +18,7 @@ for MME, its per-category score (acc + acc+, x100) and perception and cognition 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -236,8 +237,10 @@ def scores(frame: pd.DataFrame) -> dict[str, float]:
     Accuracy (mean ``score``, else mean ``correct``) per ``qtype`` and ``overall``;
     ``yes_no_precision``/``recall``/``f1``/``yes_ratio`` over the rows whose reference answer is
     yes or no ("yes" the positive class, the prediction read by :func:`parse_yes_no`; absent when
-    there are none; 0 where a ratio has nothing to count); ``group_accuracy``, the share of groups
-    whose rows are all correct, when some group has several rows; and for MME
+    there are none). A metric that does not apply is NaN (the report shows "n/a"), never 0:
+    precision, recall and F1 when no reference answer is yes; precision when the model never says
+    yes (F1, ``2TP / (2TP + FP + FN)``, is then 0). ``group_accuracy``, the share of groups whose
+    rows are all correct, when some group has several rows; and for MME
     (``frame.attrs["metric"] == "mme"``) ``mme/<category>`` (acc + acc+ in percent, 0-200) and
     the ``mme_perception`` and ``mme_cognition`` sums over the categories present.
     """
@@ -250,10 +253,12 @@ def scores(frame: pd.DataFrame) -> dict[str, float]:
         said_yes = frame.prediction[yes_no].map(parse_yes_no) == "yes"
         is_yes = truth[yes_no] == "yes"
         true_positive = float((said_yes & is_yes).sum())
-        precision = true_positive / said_yes.sum() if said_yes.any() else 0.0
-        recall = true_positive / is_yes.sum() if is_yes.any() else 0.0
-        result.update(yes_no_precision=float(precision), yes_no_recall=float(recall),
-                      yes_no_f1=float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+        applies = bool(is_yes.any())
+        precision = true_positive / said_yes.sum() if applies and said_yes.any() else math.nan
+        recall = true_positive / is_yes.sum() if applies else math.nan
+        missed, false_alarms = float((~said_yes & is_yes).sum()), float((said_yes & ~is_yes).sum())
+        f1 = 2 * true_positive / (2 * true_positive + false_alarms + missed) if applies else math.nan
+        result.update(yes_no_precision=float(precision), yes_no_recall=float(recall), yes_no_f1=float(f1),
                       yes_ratio=float(said_yes.mean()))
     if "group" in frame.columns and frame.group.duplicated().any():
         result["group_accuracy"] = float(frame.correct.groupby(frame.group).all().mean())

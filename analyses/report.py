@@ -83,6 +83,11 @@ def check_probe_result(result: xr.Dataset, name: str, source: str | None = None)
                          f"visual and text; {_regenerate(name)}")
 
 
+FLOPS_KEYS = ("decoder_flops_ratio", "decoder_flops_original", "decoder_flops_pruned", "prefill_flops_ratio",
+              "prefill_flops_original", "prefill_flops_pruned", "text_tokens", "visual_tokens")
+"""The FLOPs figures a report shows (``analyses.flops.flops_figures``)."""
+
+
 @dataclass
 class ReportInputs:
     """Everything a report shows; only ``lc`` and ``plan`` are required.
@@ -225,7 +230,7 @@ def load_report_inputs(
         {"original": demo["accuracy"], "pruned": demo["pruned_accuracy"]} if "pruned_accuracy" in demo else None)
     flops_path = pick(flops, "flops.json")
     loaded_flops = _read_json(flops_path) if flops_path is not None else (
-        {"decoder_flops_ratio": demo["decoder_flops_ratio"]} if "decoder_flops_ratio" in demo else None)
+        {k: v for k, v in demo.items() if k in FLOPS_KEYS} if "decoder_flops_ratio" in demo else None)
     return ReportInputs(lc=results["lc"], plan=loaded_plan, attention=results["attention"], modes=results["modes"],
                         comparison=frames["comparison"], latency=frames["latency"], scores=loaded_scores,
                         answers=frames["answers"], flops=loaded_flops, pruned_model=pick(pruned_model, "pruned-model"),
@@ -413,11 +418,17 @@ def _paragraph(text: str) -> _Block:
     return _Block(f"<p>{html.escape(text)}</p>", _md_text(text))
 
 
+NOT_APPLICABLE = "n/a"
+"""How the report shows a metric that does not apply (NaN or None in the data), never as 0."""
+
+
 def _format(value: Any, formatter: Callable[[Any], str] | None) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return NOT_APPLICABLE
     if formatter is not None and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-        return "—" if isinstance(value, float) and math.isnan(value) else formatter(value)
+        return formatter(value)
     return str(value)
 
 
@@ -496,6 +507,22 @@ def _difference_text(record: Mapping[str, float]) -> str:
 
 # ----------------------------------------------------------------------------- sections
 
+def _flops_detail(flops: Mapping[str, float]) -> str:
+    """The FLOPs card's detail: speedup, amounts per prompt (in a unit that shows them) and the prompt."""
+    from .flops import format_flops
+
+    ratio = flops.get("decoder_flops_ratio")
+    if ratio is None:
+        return "no model config or token counts to count them from"
+    parts = [f"{1 / ratio:.2f}× fewer" if ratio > 0 else ""]
+    if "decoder_flops_original" in flops and "decoder_flops_pruned" in flops:
+        parts.append(f"{format_flops(flops['decoder_flops_original'])} → {format_flops(flops['decoder_flops_pruned'])}"
+                     " per prompt")
+    if "text_tokens" in flops and "visual_tokens" in flops:
+        parts.append(f"{flops['text_tokens']:.0f} text + {flops['visual_tokens']:.0f} visual tokens")
+    return "; ".join(p for p in parts if p) + " (ShortV convention)"
+
+
 def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
     plan = inputs.plan
     changed = plan.n_layers - len(plan.layers("full"))
@@ -506,7 +533,7 @@ def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
     cards = [
         ("Layers changed", f"{changed} of {plan.n_layers}", modes),
         ("Decoder prefill FLOPs", "not counted" if ratio is None else f"{ratio:.0%} of original",
-         "" if ratio is None else f"{1 / ratio:.2f}× fewer" if ratio > 0 else ""),
+         _flops_detail(inputs.flops or {})),
         ("Accuracy original → pruned",
          "not measured" if accuracy["original"] is None or accuracy["pruned"] is None
          else f"{accuracy['original']:.1%} → {accuracy['pruned']:.1%}",

@@ -164,3 +164,63 @@ def test_flops_command_full_count(capsys):
     assert "give --visual-tokens" in capsys.readouterr().err
     assert main(["flops", "--model", "llava-next-7b", "--convention", "full", "--visual-tokens", "2880"]) == 0
     assert "counting the language model only" in capsys.readouterr().out
+
+
+def test_flops_are_printed_in_a_unit_that_shows_them():
+    from analyses.flops import format_flops
+
+    assert format_flops(8.46e12) == "8.5 TFLOPs" and format_flops(1.16e9) == "1.2 GFLOPs"
+    assert format_flops(2.3e7) == "23.0 MFLOPs" and format_flops(512) == "512.0 FLOPs"
+
+
+def _default_plan_with_every_mode(tmp_path, tokens):
+    import numpy as np
+    import xarray as xr
+
+    from analyses.policies import budget_plan
+
+    contribution = np.linspace(0.01, 0.2, 36).reshape(1, 12, 3)
+    contribution[..., 0] += 1.0  # frozen costs most: the plan mixes naavit and composite
+    modes = xr.Dataset({"contribution": (("sample", "layer", "mode"), contribution)},
+                       coords={"sample": ["a"], "layer": range(12), "mode": ["frozen", "naavit", "composite"]},
+                       attrs={"probe": "mode_contribution"})
+    plan = budget_plan(modes, load_config("default"), tokens, target=0.7)
+    assert set(plan.modes) - {"full", "frozen"}, plan.modes  # a mode the paper formula has no count for
+    return plan, plan.save(tmp_path / "budget.json")
+
+
+def test_flops_command_prints_the_ratio_a_plan_recorded_under_each_convention(tmp_path, capsys):
+    tokens = TokenCounts(3, 100, 21)
+    plan, path = _default_plan_with_every_mode(tmp_path, tokens)
+    provenance = EfficiencyPlan.load(path).provenance
+    assert provenance["flops_convention"] == "shortv" and provenance["prefill_flops_convention"] == "full"
+    assert main(["flops", "--model", "default", "--plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"({provenance['flops_ratio']:.1%} of the original)" in out and "24 text + 100 visual tokens" in out
+    assert "MFLOPs" in out or "GFLOPs" in out
+    assert "0.0 TFLOPs" not in out
+    assert main(["flops", "--model", "default", "--plan", str(path), "--convention", "full"]) == 0
+    out = capsys.readouterr().out
+    assert f"prefill total: {provenance['prefill_flops_ratio']:.1%} of the original (full convention)" in out
+    assert "TFLOPs" not in out
+
+
+def test_flops_of_the_default_model_count_its_real_prompts(tmp_path, capsys):
+    from analyses.flops import flops_figures
+    from analyses.tokens import DEFAULT_ROWS, each_prompt_token_counts, resolve_token_counts
+    from eemllm_models import default_model_path
+    from transformers import AutoProcessor
+
+    config = load_config("default")
+    processor = AutoProcessor.from_pretrained(default_model_path())
+    counted = each_prompt_token_counts(config, processor, load_shapes_vqa(**DEFAULT_ROWS))
+    tokens, source = resolve_token_counts("default")
+    assert tokens == TokenCounts.mean(counted) and "shapes-vqa test (n=28)" in source
+    assert tokens.visual == 100 and tokens.text != 64 and len({c.text for c in counted}) > 1
+    plan = EfficiencyPlan.from_layers(12, [2, 3, 4, 7, 9, 10, 11])  # no recorded tokens
+    path = plan.save(tmp_path / "plan.json")
+    assert main(["flops", "--model", "default", "--plan", str(path)]) == 0
+    ratio = flops_figures(config, plan, tokens)["decoder_flops_ratio"]
+    assert f"({ratio:.1%} of the original)" in capsys.readouterr().out
+    # the paper models keep ShortV's 64 text tokens
+    assert resolve_token_counts("llava-1.5-7b")[0] == TokenCounts(0, 576, 64)
