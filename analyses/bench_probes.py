@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 import probes
 from eemllm_models import load_default, load_shapes_vqa

@@ -16,12 +16,9 @@ Text from data sets and attrs is escaped in both the HTML and the Markdown.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +35,7 @@ from eemllm_models import EfficiencyPlan
 from eemllm_models.files import atomic_write, atomic_write_dir, atomic_write_text
 
 from . import plots
+from . import report_page as page
 from .accuracy import accuracy_table, has_paired_outcomes, paired_table
 from .claims import (FAR_MORE_FACTOR, FAR_MORE_POINTS, ORDER_CLAIM, TEXT_CLAIM, _points, _policy_accuracy,
                      check_claims)
@@ -398,92 +396,6 @@ def report_summary(inputs: ReportInputs) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- page blocks
 
-def _md_text(text: Any) -> str:
-    """Dataset text for Markdown: HTML-escaped, Markdown punctuation and table pipes escaped, one line."""
-    escaped = html.escape(str(text), quote=False)
-    return re.sub(r"([\\`*_\[\]|#])", r"\\\1", escaped).replace("\n", " ")
-
-
-@dataclass
-class _Block:
-    html: str
-    markdown: str
-
-
-def _heading(text: str, anchor: str) -> _Block:
-    return _Block(f'<h2 id="{anchor}">{html.escape(text)}</h2>', f"## {_md_text(text)}")
-
-
-def _paragraph(text: str) -> _Block:
-    return _Block(f"<p>{html.escape(text)}</p>", _md_text(text))
-
-
-NOT_APPLICABLE = "n/a"
-"""How the report shows a metric that does not apply (NaN or None in the data), never as 0."""
-
-
-def _format(value: Any, formatter: Callable[[Any], str] | None) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return NOT_APPLICABLE
-    if formatter is not None and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-        return formatter(value)
-    return str(value)
-
-
-def _table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | None = None,
-           default: Callable[[Any], str] | None = lambda v: f"{v:.4g}") -> _Block:
-    """A frame as an HTML and a Markdown table; every cell escaped."""
-    formats = formats or {}
-    cells = [[_format(v, formats.get(c, default)) for c, v in zip(frame.columns, row)]
-             for row in frame.itertuples(index=False, name=None)]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in cells)
-    markdown = ["| " + " | ".join(_md_text(c) for c in frame.columns) + " |",
-                "|" + "---|" * len(frame.columns)]
-    markdown += ["| " + " | ".join(_md_text(v) for v in row) + " |" for row in cells]
-    return _Block(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>',
-                  "\n".join(markdown))
-
-
-def _figure(png: bytes, name: str, caption: str) -> _Block:
-    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-    return _Block(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
-                  f"<figcaption>{html.escape(caption)}</figcaption></figure>",
-                  f"![{_md_text(caption)}](figures/{name})\n\n*{_md_text(caption)}*")
-
-
-def _link(text: str, href: str, note: str = "") -> _Block:
-    return _Block(f'<p><a href="{html.escape(href)}">{html.escape(text)}</a> {html.escape(note)}</p>',
-                  f"[{_md_text(text)}](<{href}>) {_md_text(note)}")
-
-
-def _files(names: Sequence[str]) -> _Block:
-    items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
-    return _Block(f'<ul class="files">{items}</ul>', "\n".join(f"- [{_md_text(n)}](<{n}>)" for n in names))
-
-
-def _cards(cards: Sequence[tuple[str, str, str]]) -> _Block:
-    """Headline numbers: (label, value, detail) each."""
-    body = "".join(f'<div class="card"><div class="label">{html.escape(label)}</div>'
-                   f'<div class="value">{html.escape(value)}</div><div class="detail">{html.escape(detail)}</div></div>'
-                   for label, value, detail in cards)
-    markdown = "\n".join(f"- **{_md_text(label)}**: {_md_text(value)} ({_md_text(detail)})"
-                         for label, value, detail in cards)
-    return _Block(f'<div class="cards">{body}</div>', markdown)
-
-
-def _verdict(claim: dict) -> _Block:
-    css = {"holds": "ok", "partly holds": "warn", "not resolved at this n": "warn",
-           "does not hold": "bad"}.get(claim["verdict"], "none")
-    return _Block(f'<div class="claim {css}"><div class="claim-text">Claim: {html.escape(claim["claim"])}</div>'
-                  f'<div><span class="badge">{html.escape(claim["verdict"])}</span> '
-                  f'{html.escape(claim["statement"])}</div></div>',
-                  f"> **Claim:** {_md_text(claim['claim'])}  \n> **{_md_text(claim['verdict'].capitalize())}:** "
-                  f"{_md_text(claim['statement'])}")
-
-
 _percent = "{:.1%}".format
 
 
@@ -523,7 +435,7 @@ def _flops_detail(flops: Mapping[str, float]) -> str:
     return "; ".join(p for p in parts if p) + " (ShortV convention)"
 
 
-def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
+def _headline(inputs: ReportInputs, summary: dict) -> list[page.Item]:
     plan = inputs.plan
     changed = plan.n_layers - len(plan.layers("full"))
     modes = ", ".join(f"{len(plan.layers(m))} {m}" for m in dict.fromkeys(plan.modes) if m != "full") or "none"
@@ -541,7 +453,7 @@ def _headline(inputs: ReportInputs, summary: dict) -> list[_Block]:
          else _accuracy_card_detail(accuracy, summary.get("accuracy_intervals"))),
         ("Prefill speedup", *_latency_card(latency)),
     ]
-    return [_cards(cards)]
+    return [page.cards(cards)]
 
 
 def _accuracy_card_detail(accuracy: Mapping[str, float], intervals: Mapping[str, Any] | None) -> str:
@@ -573,13 +485,13 @@ def _latency_card(latency: Mapping[str, Any] | None) -> tuple[str, str]:
     return value, f"{interval}; {detail}"
 
 
-def _claims_section(summary: dict) -> list[_Block]:
+def _claims_section(summary: dict) -> list[page.Item]:
     claims = summary["claims"]
-    blocks = [_heading("Claims checked", "claims"), _verdict(claims["policy_order"]),
-              _verdict(claims["text_vs_visual"])]
+    blocks = [page.heading("Claims checked", "claims"), page.verdict(claims["policy_order"]),
+              page.verdict(claims["text_vs_visual"])]
     if claims["policy_order"]["per_k"]:
-        blocks.append(_paragraph("Accuracy of each policy at equal k (equal FLOPs)"
-                                 + (f", with the {claims['policy_order']['level']:.0%} interval of each difference "
+        blocks.append(page.paragraph("Accuracy of each policy at equal k (equal FLOPs)"
+                                     + (f", with the {claims['policy_order']['level']:.0%} interval of each difference "
                                     f"in points ({claims['policy_order']['evidence']}, "
                                     f"{claims['policy_order']['n']} questions):"
                                     if "lc_minus_cosine" in claims["policy_order"]["per_k"][0] else ":")))
@@ -589,38 +501,38 @@ def _claims_section(summary: dict) -> list[_Block]:
             if key in claims["policy_order"]["per_k"][0]:
                 frame.insert(len(frame.columns) - 1, name,
                              [_difference_text(r[key]) for r in claims["policy_order"]["per_k"]])
-        blocks.append(_table(frame, {"shortv": _percent, "cosine": _percent, "random": _percent, "k": str,
+        blocks.append(page.table(frame, {"shortv": _percent, "cosine": _percent, "random": _percent, "k": str,
                                      "flops_ratio": "{:.3f}".format}))
     if claims["text_vs_visual"]["per_k"]:
         frame = pd.DataFrame(claims["text_vs_visual"]["per_k"])
-        blocks.append(_paragraph("Accuracy lost against the original, freezing visual or text tokens in the same "
-                                 "layers:"))
-        blocks.append(_table(frame, {"k": str, "visual_drop": _points, "text_drop": _points}))
+        blocks.append(page.paragraph("Accuracy lost against the original, freezing visual or text tokens in the same "
+                                     "layers:"))
+        blocks.append(page.table(frame, {"k": str, "visual_drop": _points, "text_drop": _points}))
     return blocks
 
 
-def _plan_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+def _plan_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[page.Item]:
     plan = inputs.plan
-    blocks = [_heading("The chosen plan", "plan"),
-              _figure(figures["plan.png"], "plan.png",
-                      "Decoder layers coloured by the mode their visual tokens run in")]
+    blocks = [page.heading("The chosen plan", "plan"),
+              page.figure(figures["plan.png"], "plan.png",
+                          "Decoder layers coloured by the mode their visual tokens run in")]
     layers = [f"{m}: {', '.join(map(str, plan.layers(m)))}" for m in dict.fromkeys(plan.modes) if m != "full"]
-    blocks.append(_paragraph("; ".join(layers) if layers else "Every layer runs in full (an empty plan)."))
+    blocks.append(page.paragraph("; ".join(layers) if layers else "Every layer runs in full (an empty plan)."))
     if plan.provenance:
-        blocks.append(_table(pd.DataFrame({"provenance": list(plan.provenance),
+        blocks.append(page.table(pd.DataFrame({"provenance": list(plan.provenance),
                                            "value": [json.dumps(_jsonable(v)) if not isinstance(v, str) else v
                                                      for v in plan.provenance.values()]}), default=None))
     return blocks
 
 
-def _stability_blocks(records: Sequence[Mapping[str, Any]]) -> list[_Block]:
+def _stability_blocks(records: Sequence[Mapping[str, Any]]) -> list[page.Item]:
     """Selection stability of the plan's chosen layers (:func:`selection_stability_summary`)."""
     if not records:
         return []
-    blocks = [_heading("Selection stability", "stability"),
-              _paragraph("How much the plan's choice depends on which probe samples were drawn: for each chosen "
-                         "layer, the share of bootstrap resamples of the samples in which it is still among the k "
-                         "lowest; 'whole set' is the share in which the k lowest are exactly the chosen layers.")]
+    blocks = [page.heading("Selection stability", "stability"),
+              page.paragraph("How much the plan's choice depends on which probe samples were drawn: for each chosen "
+                             "layer, the share of bootstrap resamples of the samples in which it is still among the k "
+                             "lowest; 'whole set' is the share in which the k lowest are exactly the chosen layers.")]
     rows = []
     for record in records:
         layers = ", ".join(f"{layer}: {share:.0%}" for layer, share in record["layers"].items())
@@ -628,15 +540,15 @@ def _stability_blocks(records: Sequence[Mapping[str, Any]]) -> list[_Block]:
                      "least stable": record["least"], "whole set": record["same_set"],
                      "samples": record["samples"], "resamples": record["resamples"]})
         if not record["lowest_by_mean"]:
-            blocks.append(_paragraph(f"The {record['mode']} layers are not the {record['k']} lowest by mean "
-                                     f"{record['basis']}: this plan was chosen another way."))
-    blocks.append(_table(pd.DataFrame(rows), {"k": str, "samples": str, "resamples": str, "least stable": _percent,
+            blocks.append(page.paragraph(f"The {record['mode']} layers are not the {record['k']} lowest by mean "
+                                         f"{record['basis']}: this plan was chosen another way."))
+    blocks.append(page.table(pd.DataFrame(rows), {"k": str, "samples": str, "resamples": str, "least stable": _percent,
                                               "whole set": _percent}))
     return blocks
 
 
 def _lc_section(inputs: ReportInputs, figures: dict[str, bytes],
-                summary_stability: Sequence[Mapping[str, Any]] = ()) -> list[_Block]:
+                summary_stability: Sequence[Mapping[str, Any]] = ()) -> list[page.Item]:
     lc = inputs.lc
     mean = lc.mean("sample")
     table = pd.DataFrame({"layer": lc.layer.values, "mode": inputs.plan.modes,
@@ -653,24 +565,25 @@ def _lc_section(inputs: ReportInputs, figures: dict[str, bytes],
     if frozen:
         table[f"among {frozen} lowest"] = lc.selection_stability.sel(k=frozen, group="visual").values
     below = int((table["LC visual"] < table["LC text"]).sum())
-    return [_heading("Layer Contribution", "lc"),
-            _paragraph(f"How much the output distribution moves ({lc.attrs.get('divergence', '?')} divergence at the "
-                       f"{lc.attrs.get('positions', '?')} positions) when one layer's update of one token group is "
-                       f"removed, over {lc.sizes['sample']} samples. Visual LC is below text LC in {below} of "
-                       f"{len(table)} layers."),
-            _figure(figures["lc.png"], "lc.png", "Layer Contribution per layer and token group (mean with its "
-                    f"{level:.0%} bootstrap interval over samples; log scale; values at or below {plots.FLOOR:g}, "
-                    f"float noise included, are drawn at {plots.FLOOR:g})"),
-            _paragraph(f"Mean LC per layer with its {level:.0%} {_interval_settings(lc.lc_low)['method']} interval "
-                       f"({_interval_settings(lc.lc_low)['resamples']} resamples, seed "
-                       f"{_interval_settings(lc.lc_low)['seed']})"
-                       + (f"; 'among {frozen} lowest': the share of resamples in which the layer's visual LC is "
-                          f"among the {frozen} lowest (the ShortV rule's choice at k = {frozen})." if frozen else ".")),
-            _table(table, {"layer": str, f"among {frozen} lowest": _percent}),
+    return [page.heading("Layer Contribution", "lc"),
+            page.paragraph(f"How much the output distribution moves ({lc.attrs.get('divergence', '?')} divergence "
+                           f"at the {lc.attrs.get('positions', '?')} positions) when one layer's update of one token "
+                           f"group is removed, over {lc.sizes['sample']} samples. Visual LC is below text LC in "
+                           f"{below} of {len(table)} layers."),
+            page.figure(figures["lc.png"], "lc.png", "Layer Contribution per layer and token group (mean with its "
+                        f"{level:.0%} bootstrap interval over samples; log scale; values at or below {plots.FLOOR:g}, "
+                        f"float noise included, are drawn at {plots.FLOOR:g})"),
+            page.paragraph(f"Mean LC per layer with its {level:.0%} {_interval_settings(lc.lc_low)['method']} interval "
+                           f"({_interval_settings(lc.lc_low)['resamples']} resamples, seed "
+                           f"{_interval_settings(lc.lc_low)['seed']})"
+                           + (f"; 'among {frozen} lowest': the share of resamples in which the layer's visual LC "
+                              f"is among the {frozen} lowest (the ShortV rule's choice at k = {frozen})."
+                              if frozen else ".")),
+            page.table(table, {"layer": str, f"among {frozen} lowest": _percent}),
             *_stability_blocks(summary_stability)]
 
 
-def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
+def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list[page.Item]:
     if inputs.comparison is None:
         return []
     comparison = inputs.comparison
@@ -680,18 +593,19 @@ def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list
     wide = table.pivot(index="k", columns="policy", values="accuracy")[order].reset_index()
     flops = table.pivot(index="k", columns="policy", values="flops_ratio")[order].reset_index()
     original = comparison[comparison.policy == "original"].accuracy
-    return [_heading("Accuracy vs FLOPs", "tradeoff"),
-            _paragraph("Each policy changes k layers; at equal k the visual-freezing policies cost the same FLOPs. "
-                       "'text' freezes the text tokens instead, in the LC-chosen layers."
-                       + (f" The original model scores {original.mean():.1%}." if len(original) else "")),
-            _figure(figures["tradeoff.png"], "tradeoff.png",
-                    "Accuracy against decoder prefill FLOPs ratio (random: mean ± sd over seeds; chosen plan: its "
-                    "benchmark score at its FLOPs ratio)"),
-            _paragraph("Accuracy per policy and k:"), _table(wide, {"k": str}, _percent),
-            _paragraph("Decoder prefill FLOPs ratio per policy and k:"), _table(flops, {"k": str}, "{:.3f}".format)]
+    return [page.heading("Accuracy vs FLOPs", "tradeoff"),
+            page.paragraph("Each policy changes k layers; at equal k the visual-freezing policies cost the same FLOPs. "
+                           "'text' freezes the text tokens instead, in the LC-chosen layers."
+                           + (f" The original model scores {original.mean():.1%}." if len(original) else "")),
+            page.figure(figures["tradeoff.png"], "tradeoff.png",
+                        "Accuracy against decoder prefill FLOPs ratio (random: mean ± sd over seeds; chosen plan: its "
+                        "benchmark score at its FLOPs ratio)"),
+            page.paragraph("Accuracy per policy and k:"), page.table(wide, {"k": str}, _percent),
+            page.paragraph("Decoder prefill FLOPs ratio per policy and k:"),
+            page.table(flops, {"k": str}, "{:.3f}".format)]
 
 
-def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Block]:
+def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[page.Item]:
     """Accuracy per type with n and interval, and the paired original-vs-pruned difference."""
     if intervals is None:
         return []
@@ -704,9 +618,9 @@ def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Bloc
         pruned = pd.DataFrame(intervals["pruned"])
         frame["pruned"] = pruned.accuracy
         frame[f"pruned {level:.0%}"] = [_span(a, b, _percent) for a, b in zip(pruned.low, pruned.high)]
-    blocks = [_paragraph(f"Accuracy per question type with its number of questions n and {level:.0%} "
-                         f"{original.method.iloc[0]} interval (from the per-question answers):"),
-              _table(frame, {"n": str}, _percent)]
+    blocks = [page.paragraph(f"Accuracy per question type with its number of questions n and {level:.0%} "
+                             f"{original.method.iloc[0]} interval (from the per-question answers):"),
+              page.table(frame, {"n": str}, _percent)]
     if "paired_difference" in intervals:
         paired = pd.DataFrame(intervals["paired_difference"])
         table = pd.DataFrame({"type": paired.qtype, "n": paired.n,
@@ -715,20 +629,21 @@ def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[_Bloc
                               "only original right": paired.only_original, "only pruned right": paired.only_pruned,
                               "McNemar p": paired.mcnemar_p,
                               "verdict": ["resolved" if r else "not resolved at this n" for r in paired.resolved]})
-        blocks += [_paragraph(f"Pruned minus original on the same questions, with a paired {level:.0%} bootstrap "
-                              "interval and the exact McNemar test (only the questions one model got right count):"),
-                   _table(table, {"n": str, "only original right": str, "only pruned right": str,
-                                  "McNemar p": "{:.2g}".format})]
+        blocks += [page.paragraph(f"Pruned minus original on the same questions, with a paired {level:.0%} "
+                                  "bootstrap interval and the exact McNemar test (only the questions one model got "
+                                  "right count):"),
+                   page.table(table, {"n": str, "only original right": str, "only pruned right": str,
+                                      "McNemar p": "{:.2g}".format})]
     return blocks
 
 
-def _latency_blocks(latency: pd.DataFrame) -> list[_Block]:
+def _latency_blocks(latency: pd.DataFrame) -> list[page.Item]:
     """Latency: median and IQR per variant and the paired speedup interval with its noise flag."""
     needed = {"variant", "prefill_ms", "prefill_ms_iqr", "prefill_speedup", "prefill_speedup_low",
               "prefill_speedup_high", "noisy"}
     if not needed <= set(latency.columns):
-        return [_paragraph("This latency table has no speedup intervals (it was measured before they existed); "
-                           "rerun eemllm latency for them."), _table(latency, {"repeats": str, "batch": str})]
+        return [page.paragraph("This latency table has no speedup intervals (it was measured before they existed); "
+                               "rerun eemllm latency for them."), page.table(latency, {"repeats": str, "batch": str})]
     level = latency.attrs.get("interval_level", uncertainty.LEVEL)
     frame = pd.DataFrame({
         "variant": latency.variant, "prefill ms": latency.prefill_ms, "IQR ms": latency.prefill_ms_iqr,
@@ -741,37 +656,37 @@ def _latency_blocks(latency: pd.DataFrame) -> list[_Block]:
         frame["decode speedup"] = latency.decode_speedup
     setup = ", ".join(f"{c} {latency[c].iloc[0]}" for c in ("repeats", "batch", "prompt_tokens", "new_tokens", "device",
                                                           "dtype") if c in latency.columns)
-    blocks = [_paragraph(f"Medians over paired repeats ({setup}); the speedup interval is a bootstrap of the median "
-                         "of the per-repeat ratios to the first variant. Every column is in latency.csv."),
-              _table(frame, {"prefill speedup": "{:.2f}×".format, "decode speedup": "{:.2f}×".format,
+    blocks = [page.paragraph(f"Medians over paired repeats ({setup}); the speedup interval is a bootstrap of the "
+                             "median of the per-repeat ratios to the first variant. Every column is in latency.csv."),
+              page.table(frame, {"prefill speedup": "{:.2f}×".format, "decode speedup": "{:.2f}×".format,
                              "prefill ms": "{:.1f}".format, "IQR ms": "{:.1f}".format,
                              "decode tok/s": "{:.0f}".format})]
     noisy = [str(v) for v, flag in zip(latency.variant, latency.noisy) if pd.notna(flag) and bool(flag)]
     if noisy:
-        blocks.append(_paragraph(f"Noisy: interval includes 1.0 for {', '.join(noisy)}: the timing spread on this "
-                                 "machine is too large to call it faster or slower; rerun with more --repeats on a "
-                                 "quiet machine."))
+        blocks.append(page.paragraph(f"Noisy: interval includes 1.0 for {', '.join(noisy)}: the timing spread on this "
+                                     "machine is too large to call it faster or slower; rerun with more --repeats on a "
+                                     "quiet machine."))
     return blocks
 
 
-def _scores_section(inputs: ReportInputs, out: Path) -> list[_Block]:
-    blocks: list[_Block] = []
+def _scores_section(inputs: ReportInputs, out: Path) -> list[page.Item]:
+    blocks: list[page.Item] = []
     if inputs.scores is not None:
         original, pruned = inputs.scores["original"], inputs.scores["pruned"]
         keys = sorted(set(original) | set(pruned), key=lambda k: (k == "overall" or k.startswith("yes"), k))
         frame = pd.DataFrame({"metric": keys, "original": [original.get(k, math.nan) for k in keys],
                               "pruned": [pruned.get(k, math.nan) for k in keys]})
         frame["change"] = frame.pruned - frame.original
-        blocks += [_table(frame, {"change": lambda v: f"{100 * v:+.1f} points"}, _percent)]
+        blocks += [page.table(frame, {"change": lambda v: f"{100 * v:+.1f} points"}, _percent)]
     blocks += _accuracy_interval_blocks(accuracy_intervals(inputs.answers))
     if inputs.pruned_model is not None:
         href = Path(os.path.relpath(os.path.abspath(inputs.pruned_model), os.path.abspath(out))).as_posix() + "/"
-        blocks.append(_link("The pruned model", href, f"({href}; load it with eemllm_models.load_pruned)"))
-    return [_heading("Benchmark: original vs pruned", "scores"), *blocks] if blocks else []
+        blocks.append(page.link("The pruned model", href, f"({href}; load it with eemllm_models.load_pruned)"))
+    return [page.heading("Benchmark: original vs pruned", "scores"), *blocks] if blocks else []
 
 
-def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Block]:
-    blocks: list[_Block] = []
+def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[page.Item]:
+    blocks: list[page.Item] = []
     if inputs.modes is not None:
         mean = inputs.modes.contribution.mean("sample").to_pandas().reset_index()
         level = inputs.modes.contribution_low.attrs.get("interval_level", uncertainty.LEVEL)
@@ -779,71 +694,40 @@ def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[_Bl
             mean[f"{mode} {level:.0%}"] = [_span(a, b) for a, b in zip(
                 inputs.modes.contribution_low.sel(mode=mode).values,
                 inputs.modes.contribution_high.sel(mode=mode).values)]
-        blocks += [_heading("Mode contributions", "modes"),
-                   _paragraph("Divergence from the original output when only one layer runs a mode."),
-                   _figure(figures["modes.png"], "modes.png",
-                           f"Contribution per layer and mode (log scale; values at or below {plots.FLOOR:g} "
-                           "drawn there)"),
-                   _table(mean, {"layer": str}, "{:.3g}".format)]
+        blocks += [page.heading("Mode contributions", "modes"),
+                   page.paragraph("Divergence from the original output when only one layer runs a mode."),
+                   page.figure(figures["modes.png"], "modes.png",
+                               f"Contribution per layer and mode (log scale; values at or below {plots.FLOOR:g} "
+                               "drawn there)"),
+                   page.table(mean, {"layer": str}, "{:.3g}".format)]
     if inputs.attention is not None:
-        blocks += [_heading("Attention statistics", "attention"),
-                   _paragraph(f"Attention mass and entropy per layer and head, mean over "
-                              f"{inputs.attention.sizes['sample']} samples (the first "
-                              f"{inputs.attention.attrs.get('sink_tokens', '?')} token(s) count as sink)."),
-                   _figure(figures["attention.png"], "attention.png", "Attention statistics: layer × head")]
+        blocks += [page.heading("Attention statistics", "attention"),
+                   page.paragraph(f"Attention mass and entropy per layer and head, mean over "
+                                  f"{inputs.attention.sizes['sample']} samples (the first "
+                                  f"{inputs.attention.attrs.get('sink_tokens', '?')} token(s) count as sink)."),
+                   page.figure(figures["attention.png"], "attention.png", "Attention statistics: layer × head")]
     if inputs.latency is not None:
-        blocks += [_heading("Latency", "latency"), *_latency_blocks(inputs.latency)]
+        blocks += [page.heading("Latency", "latency"), *_latency_blocks(inputs.latency)]
     if inputs.answers is not None:
         shown = inputs.answers.head(ANSWER_ROWS)
-        blocks += [_heading("Answers", "answers"),
-                   _paragraph(f"The first {len(shown)} of {len(inputs.answers)} samples (all in answers.csv)."),
-                   _table(shown, default=None)]
+        blocks += [page.heading("Answers", "answers"),
+                   page.paragraph(f"The first {len(shown)} of {len(inputs.answers)} samples (all in answers.csv)."),
+                   page.table(shown, default=None)]
     return blocks
 
 
-def _provenance_section(inputs: ReportInputs, files: Sequence[str]) -> list[_Block]:
+def _provenance_section(inputs: ReportInputs, files: Sequence[str]) -> list[page.Item]:
     attrs = {k: v for k, v in inputs.lc.attrs.items()}
-    blocks = [_heading("Provenance", "provenance"), _paragraph("The Layer Contribution result's attributes:"),
-              _table(pd.DataFrame({"attribute": list(attrs), "value": [str(v) for v in attrs.values()]}), default=None)]
+    blocks = [page.heading("Provenance", "provenance"), page.paragraph("The Layer Contribution result's attributes:"),
+              page.table(pd.DataFrame({"attribute": list(attrs), "value": [str(v) for v in attrs.values()]}),
+                         default=None)]
     if inputs.sources:
-        blocks += [_paragraph("Read from:"), _table(pd.DataFrame({"input": list(inputs.sources),
+        blocks += [page.paragraph("Read from:"), page.table(pd.DataFrame({"input": list(inputs.sources),
                                                                   "file": list(inputs.sources.values())}))]
-    blocks += [_paragraph("Files in this folder:"), _files(files)]
+    blocks += [page.paragraph("Files in this folder:"), page.files(files)]
     return blocks
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
-background:#f6f7f9;color:#1d232b}
-main{max-width:1120px;margin:0 auto;padding:24px 32px 64px;background:#fff;box-shadow:0 0 12px rgba(0,0,0,.06)}
-h1{font-size:1.7em;margin:.2em 0}h2{border-bottom:2px solid #e3e6ea;padding-bottom:.2em;margin-top:1.8em}
-.sub{color:#5b6570;margin:.2em 0 1em}nav a{margin-right:1em;color:#35608f;font-size:.92em}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(210px,1fr));gap:12px;margin:18px 0}
-.card{background:#f0f4f9;border-radius:8px;padding:12px 16px}
-.card .label{font-size:.82em;color:#5b6570;text-transform:uppercase;letter-spacing:.04em}
-.card .value{font-size:1.6em;font-weight:600;margin:.15em 0}.card .detail{font-size:.85em;color:#5b6570}
-.claim{border-left:6px solid #999;background:#f7f7f7;padding:10px 14px;margin:10px 0;border-radius:4px}
-.claim.ok{border-color:#2e8540;background:#eef7f0}.claim.warn{border-color:#d98c00;background:#fdf6e7}
-.claim.bad{border-color:#c0392b;background:#fbeeed}.claim-text{font-style:italic;margin-bottom:4px}
-.badge{font-weight:700;text-transform:uppercase;font-size:.85em}
-figure{margin:12px 0}img{max-width:100%;height:auto}figcaption{font-size:.88em;color:#5b6570}
-.scroll{overflow-x:auto;margin:8px 0}table{border-collapse:collapse;font-size:.86em}
-th,td{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eef1f4}
-tr:nth-child(even) td{background:#fafbfc}
-ul.files{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 18px}
-"""
-
-
-def _page(title: str, subtitle: str, blocks: Sequence[_Block]) -> tuple[str, str]:
-    anchors = re.findall(r'<h2 id="([^"]+)">([^<]+)</h2>', "".join(b.html for b in blocks))
-    nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in anchors)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body><main>"
-            f"<h1>{html.escape(title)}</h1><p class=\"sub\">{html.escape(subtitle)}</p><nav>{nav}</nav>\n"
-            + "\n".join(b.html for b in blocks) + "\n</main></body></html>\n")
-    markdown = f"# {_md_text(title)}\n\n{_md_text(subtitle)}\n\n" + "\n\n".join(b.markdown for b in blocks) + "\n"
-    return page, markdown
 
 
 def _figures(inputs: ReportInputs, summary: dict) -> dict[str, bytes]:
@@ -891,9 +775,9 @@ def _write_contents(inputs: ReportInputs, out: Path, staging: Path) -> None:
               *_scores_section(inputs, out), *_lc_section(inputs, figures, summary["selection_stability"]),
               *_comparison_section(inputs, figures),
               *_other_sections(inputs, figures), *_provenance_section(inputs, files)]
-    page, markdown = _page(title, subtitle, blocks)
+    html_page, markdown = page.render(title, subtitle, blocks)
     atomic_write_text(staging / "report.md", markdown)
-    atomic_write_text(staging / "index.html", page)
+    atomic_write_text(staging / "index.html", html_page)
 
 
 def _inside(path: str | os.PathLike, folder: Path) -> bool:
