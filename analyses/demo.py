@@ -146,6 +146,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     inputs = ReportInputs(lc=lc, plan=plan, attention=attention, modes=modes, comparison=comparison, latency=latency,
                           scores={"original": summary["accuracy"], "pruned": summary["pruned_accuracy"]},
                           answers=frame, flops=flops, pruned_model=out / "pruned-model",
-                          title="Redundancy report: eemllm default model on shapes-vqa")
+                          title="Redundancy report: eemllm default model on shapes-vqa",
+                          evaluation=summary["evaluation"])
     report = write_report(inputs, out / "report", overwrite=overwrite)
     return DemoResult(frame, lc, plan, ratio, comparison, latency, report)

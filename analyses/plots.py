@@ -95,22 +95,24 @@ def attention_figure(attention: xr.Dataset) -> Figure:
 
     ``attention``: variables ``[sample, layer, head]`` and ``entropy`` ``[sample, layer, head, query_group]``.
     """
-    panels: list[tuple[str, xr.DataArray]] = []
+    panels: list[tuple[str, str, xr.DataArray]] = []
     for name, variable in attention.data_vars.items():
         mean = variable.mean("sample")
+        title = name.replace("_", " ").replace(" to ", " → ")
         if "query_group" in mean.dims:
-            panels += [(f"{name} ({group} queries)", mean.sel(query_group=group)) for group in mean.query_group.values]
+            panels += [(f"{title} ({group} queries)", "entropy (nats)", mean.sel(query_group=group))
+                       for group in mean.query_group.values]
         else:
-            panels.append((name, mean))
+            panels.append((title, "share of attention mass", mean))
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     n_layers = attention.sizes["layer"]
     with _style():
         figure = Figure(figsize=(3.2 * columns, (0.16 * n_layers + 1.2) * rows), layout="constrained")
         axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
-        for ax, (title, values) in zip(axes, panels):
+        for ax, (title, unit, values) in zip(axes, panels):
             sns.heatmap(values.transpose("layer", "head").to_pandas(), cmap="rocket_r", ax=ax, vmin=0.0,
-                        cbar_kws={"shrink": 0.8})
+                        cbar_kws={"shrink": 0.8, "label": unit})
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=7)
         for ax in axes[len(panels):]:

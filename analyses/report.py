@@ -49,6 +49,9 @@ PROBE_CONTENTS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "modes": ("mode_contribution", {"contribution": ("sample", "layer", "mode")}),
 }
 """Report input name -> (probe attr, {variable: dims}) a complete probe result has."""
+MAY_BE_NAN = {"attention": {"visual_to_visual", "visual_to_text", "entropy"}}
+"""Variables that are NaN by design in some layers: the visual-query statistics of a ``frozen``
+layer, which forms no visual queries (attention statistics of a planned model)."""
 ANSWER_ROWS = 40
 """Per-sample answers shown in the page (all of them are in ``answers.csv``)."""
 
@@ -72,7 +75,7 @@ def check_probe_result(result: xr.Dataset, name: str, source: str | None = None)
         if result[variable].dims != dims:
             raise ValueError(f"{where} is incomplete: {variable!r} has dims {result[variable].dims}, expected "
                              f"{dims}; {_regenerate(name)}")
-        if np.isnan(result[variable].values).any():
+        if variable not in MAY_BE_NAN.get(name, ()) and np.isnan(result[variable].values).any():
             raise ValueError(f"{where} is incomplete: {variable!r} holds NaN values; {_regenerate(name)}")
     if result.sizes["sample"] == 0:
         raise ValueError(f"{where} holds no samples; {_regenerate(name)}")
@@ -99,6 +102,8 @@ class ReportInputs:
     per-sample outputs (``id``, ``qtype``, ``question``, ``answer``, ``prediction``,
     ``pruned_prediction``, ...). ``flops``: headline FLOPs figures (``decoder_flops_ratio``, ...).
     ``pruned_model``: the saved pruned model's folder. ``sources``: input name -> file it was read from.
+    ``evaluation``: what ``scores`` and ``answers`` were measured on (``dataset``, ``split``, ``n``,
+    as :func:`analyses.heldout.describe` gives it), shown next to every accuracy.
     """
 
     lc: xr.Dataset
@@ -113,6 +118,7 @@ class ReportInputs:
     pruned_model: Path | None = None
     title: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    evaluation: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in PROBE_FILES:
@@ -232,7 +238,7 @@ def load_report_inputs(
     return ReportInputs(lc=results["lc"], plan=loaded_plan, attention=results["attention"], modes=results["modes"],
                         comparison=frames["comparison"], latency=frames["latency"], scores=loaded_scores,
                         answers=frames["answers"], flops=loaded_flops, pruned_model=pick(pruned_model, "pruned-model"),
-                        sources=sources)
+                        sources=sources, evaluation=demo.get("evaluation"))
 
 
 # ----------------------------------------------------------------------------- measured claims
@@ -593,10 +599,14 @@ def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list
     wide = table.pivot(index="k", columns="policy", values="accuracy")[order].reset_index()
     flops = table.pivot(index="k", columns="policy", values="flops_ratio")[order].reset_index()
     original = comparison[comparison.policy == "original"].accuracy
+    measured = ""
+    if {"split", "n"} <= set(comparison.columns):
+        measured = f" Measured on {int(comparison.n.iloc[0])} questions of the {comparison.split.iloc[0]} split."
     return [page.heading("Accuracy vs FLOPs", "tradeoff"),
             page.paragraph("Each policy changes k layers; at equal k the visual-freezing policies cost the same FLOPs. "
                            "'text' freezes the text tokens instead, in the LC-chosen layers."
-                           + (f" The original model scores {original.mean():.1%}." if len(original) else "")),
+                           + (f" The original model scores {original.mean():.1%}." if len(original) else "")
+                           + measured),
             page.figure(figures["tradeoff.png"], "tradeoff.png",
                         "Accuracy against decoder prefill FLOPs ratio (random: mean ± sd over seeds; chosen plan: its "
                         "benchmark score at its FLOPs ratio)"),
@@ -669,8 +679,21 @@ def _latency_blocks(latency: pd.DataFrame) -> list[page.Item]:
     return blocks
 
 
+def _measured_on(inputs: ReportInputs) -> str:
+    """Where the benchmark accuracies come from: data set, split and number of questions."""
+    evaluation = dict(inputs.evaluation or {})
+    n = evaluation.get("n", None if inputs.answers is None else len(inputs.answers))
+    split = evaluation.get("split")
+    where = " ".join(str(p) for p in (evaluation.get("dataset"), f"{split} split" if split else None) if p)
+    if n is None:
+        return f"Scored on {where or 'an unnamed data set'} (number of questions not recorded)."
+    return f"Scored on {n} questions{f' of {where}' if where else ''}; no choice of the plan saw them."
+
+
 def _scores_section(inputs: ReportInputs, out: Path) -> list[page.Item]:
     blocks: list[page.Item] = []
+    if inputs.scores is not None or inputs.answers is not None:
+        blocks.append(page.paragraph(_measured_on(inputs)))
     if inputs.scores is not None:
         original, pruned = inputs.scores["original"], inputs.scores["pruned"]
         keys = sorted(set(original) | set(pruned), key=lambda k: (k == "overall" or k.startswith("yes"), k))
@@ -710,6 +733,8 @@ def _other_sections(inputs: ReportInputs, figures: dict[str, bytes]) -> list[pag
         blocks += [page.heading("Latency", "latency"), *_latency_blocks(inputs.latency)]
     if inputs.answers is not None:
         shown = inputs.answers.head(ANSWER_ROWS)
+        if "group" in shown.columns and "id" in shown.columns and (shown.group == shown.id).all():
+            shown = shown.drop(columns="group")  # one group per question: the column repeats the id
         blocks += [page.heading("Answers", "answers"),
                    page.paragraph(f"The first {len(shown)} of {len(inputs.answers)} samples (all in answers.csv)."),
                    page.table(shown, default=None)]

@@ -122,14 +122,14 @@ def report(measured, tmp_path_factory):
                   {"variant": "pruned", "prefill_ms": 8.0, "prefill_ms_iqr": 3.0, "prefill_speedup": 1.5,
                    "prefill_speedup_low": 0.9, "prefill_speedup_high": 1.8, "noisy": True, "decode_speedup": 1.1,
                    "repeats": 20, "device": "cpu"}]).to_csv(source / "latency.csv", index=False)
-    pd.DataFrame({"id": ["a", "b", "c"], "qtype": ["color", "exists", "color"],
+    pd.DataFrame({"id": ["a", "b", "c"], "group": ["a", "b", "c"], "qtype": ["color", "exists", "color"],
                   "question": [HOSTILE, "Is there a | circle?\nYes?", "What colour?"],
                   "answer": ["red", "None", "blue"], "prediction": ["red", "no", "blue"],
                   "pruned_prediction": ["red", "yes", "red"], "correct": [True, False, True],
                   "pruned_correct": [True, False, False]}).to_csv(source / "demo_answers.csv", index=False)
     (source / "demo_summary.json").write_text(json.dumps({
         "accuracy": {"color": 0.9, "overall": 0.85}, "pruned_accuracy": {"color": 0.8, "overall": 0.8},
-        "decoder_flops_ratio": 0.62}))
+        "decoder_flops_ratio": 0.62, "evaluation": {"dataset": "shapes-vqa", "split": "test", "n": 3}}))
     out = tmp_path_factory.mktemp("reports") / "report"
     inputs = load_report_inputs(source)
     inputs.pruned_model = out / "pruned-model"
@@ -362,3 +362,22 @@ def test_claims_are_decided_from_the_measurements():
     assert check_claims(without_original, original_accuracy=0.9)["text_vs_visual"]["verdict"] == "holds"
     assert check_claims(None)["policy_order"]["verdict"] == "not measured"
     assert check_claims(_comparison().query("policy != 'cosine'"))["policy_order"]["verdict"] == "not measured"
+
+
+def test_every_accuracy_says_its_split_and_number_of_questions(report):
+    index, _, _ = report
+    markdown = (index.parent / "report.md").read_text()
+    assert "Scored on 3 questions of shapes-vqa test split; no choice of the plan saw them." in markdown
+    assert "| group |" not in markdown  # a per-question group column that repeats the id is not shown
+
+
+def test_report_of_a_planned_models_attention_accepts_frozen_layers_without_visual_queries(default_model, tmp_path):
+    model, processor = default_model
+    data = load_shapes_vqa("train", n=8)
+    plan = EfficiencyPlan.from_layers(12, range(6, 12), "frozen")
+    with plan.applied(model):
+        lc = probes.layer_contribution(model, processor, data, samples=4, progress=False)
+        attention = probes.attention_statistics(model, processor, data, samples=4, progress=False)
+    assert np.isnan(attention.visual_to_visual.sel(layer=7)).all()
+    index = write_report(ReportInputs(lc=lc, plan=plan, attention=attention), tmp_path / "report")
+    assert "attention.png" in (index.parent / "report.md").read_text()
