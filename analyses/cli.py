@@ -520,14 +520,6 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _close_progress_bars() -> None:
-    """End the progress bars an interrupted command left open, so that its last line is the command's own."""
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
 class _Checked(argparse.Action):
     """Store an option's value (or each of its values) after ``check(value)``; a problem it returns is
     reported by argparse as ``FLAG PROBLEM`` (e.g. ``--samples must be at least 1, got 0``), exit code 2."""
@@ -766,6 +758,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eemllm {args.command}: interrupted" + ("; rerun with the same --checkpoint to resume" if resumable
                                                       else ""), file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an interrupted command left open, so that its last line is the command's own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -173,6 +173,13 @@ def test_report_latency_must_be_the_latency_csv(tmp_path, capsys):
     assert "--latency" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def test_flops_of_a_naavit_and_composite_plan_is_counted_not_a_python_error(tmp_path, capsys):
+    plan = EfficiencyPlan.from_layers(12, {3: "naavit", 5: "composite", 6: "frozen"}).save(tmp_path / "nv.json")
+    assert main(["flops", "--model", "default", "--plan", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "1 naavit layers" in out and "1 composite layers" in out and "plan_flops" not in out
+
+
 def test_real_bugs_keep_their_traceback(tmp_path):
     """Only input errors become one line: a TypeError inside the toolkit is not hidden."""
     code = ("import sys, analyses.cli as c\n"
