@@ -146,6 +146,7 @@ def test_save_and_load_pruned_gives_identical_logits(model, tmp_path):
 
 def test_save_pruned_never_half_overwrites(model, tmp_path):
     from eemllm_models import save_pruned
+    from eemllm_models.files import ForeignFolderError
 
     target = tmp_path / "pruned"
     target.mkdir()
@@ -153,10 +154,15 @@ def test_save_pruned_never_half_overwrites(model, tmp_path):
     plan = EfficiencyPlan.uniform(model, "frozen")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pruned(model, plan, target)
-    assert (target / "keep.txt").read_text() == "mine"
+    with pytest.raises(ForeignFolderError, match="not written by eemllm"):  # a folder eemllm did not write
+        save_pruned(model, plan, target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    save_pruned(model, plan, ours)
+    config = (ours / "config.json").read_text()
     with pytest.raises(ValueError, match="plan has 3 layers"):
-        save_pruned(model, EfficiencyPlan.uniform(3, "frozen"), target, overwrite=True)
-    assert (target / "keep.txt").read_text() == "mine"
-    save_pruned(model, plan, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+        save_pruned(model, EfficiencyPlan.uniform(3, "frozen"), ours, overwrite=True)
+    assert (ours / "config.json").read_text() == config
+    save_pruned(model, EfficiencyPlan.empty(plan.n_layers), ours, overwrite=True)
+    assert (ours / "config.json").read_text() != config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "pruned"]
