@@ -1,1 +1,4 @@
-"""eemllm's analysis side: plans, FLOPs and latency, benchmarks, reports and the ``eemllm`` CLI."""
+"""eemllm's analyses, grouped by the stage of the flow they serve: ``choosing`` (plans from probe
+results, held-out checks), ``measuring`` (token counts, FLOPs, latency, benchmark scripts),
+``evaluating`` (answers and metrics on data sets, lmms-eval), ``reporting`` (the redundancy
+report); ``demo`` and ``cli`` (the ``eemllm`` command) are the faces over them."""

@@ -101,7 +101,7 @@ def _probe(args: argparse.Namespace) -> int:
 def _user_data(args: argparse.Namespace, needed: list[tuple[str, str]]):
     """The data set at ``--data`` (``--split`` of a multi-split folder), refused unless it has the ``needed``
     columns (``(flag, column)`` pairs: the message names the flag that renames it)."""
-    from .benchmarks import load_local_dataset
+    from analyses.evaluating.benchmarks import load_local_dataset
 
     data = load_local_dataset(args.data, image_column=args.image_column, split=args.split)
     for flag, column in needed:
@@ -114,7 +114,7 @@ def _user_data(args: argparse.Namespace, needed: list[tuple[str, str]]):
 def _plan(args: argparse.Namespace) -> int:
     import probes
 
-    from . import policies
+    from analyses.choosing import policies
 
     if args.target is not None and args.policy not in ("budget", "greedy"):
         raise ValueError(f"--target is a FLOPs share for --policy budget or greedy; --policy {args.policy} freezes "
@@ -171,7 +171,7 @@ def _selection_tokens(args: argparse.Namespace, loaded):
     """The mean prompt of the ``--samples`` ``--split`` questions choices are made on, and its source."""
     from eemllm_models import load_shapes_vqa
 
-    from .tokens import dataset_token_counts, describe_rows
+    from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
     model, processor = loaded
     data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
@@ -181,9 +181,9 @@ def _selection_tokens(args: argparse.Namespace, loaded):
 def _plan_flops_provenance(args: argparse.Namespace, plan, loaded, counted=None):
     """``plan`` with its FLOPs recorded (ratio, convention, prompt) and the line ``eemllm plan`` prints:
     counted for the selection questions' mean prompt when a model was loaded (``counted``, if already
-    known), else for the prompt ``analyses.tokens.resolve_token_counts`` gives ``--model``."""
-    from .flops import flops_figures, flops_provenance, load_config
-    from .tokens import resolve_token_counts
+    known), else for the prompt ``analyses.measuring.tokens.resolve_token_counts`` gives ``--model``."""
+    from analyses.measuring.flops import flops_figures, flops_provenance, load_config
+    from analyses.measuring.tokens import resolve_token_counts
 
     try:
         if loaded is not None:
@@ -200,7 +200,7 @@ def _plan_flops_provenance(args: argparse.Namespace, plan, loaded, counted=None)
 
 
 def _flops_line(figures, source: str) -> str:
-    from .flops import format_flops
+    from analyses.measuring.flops import format_flops
 
     line = (f"decoder prefill FLOPs: {figures['decoder_flops_ratio']:.1%} of the original (shortv convention; "
             f"{format_flops(figures['decoder_flops_original'])} -> {format_flops(figures['decoder_flops_pruned'])} "
@@ -230,7 +230,7 @@ def _held_out_accuracy(args: argparse.Namespace, loaded=None):
     validation: held out from the probe's train prompts and from the test split that scores the plan)."""
     from eemllm_models import load_shapes_vqa
 
-    from .compare import accuracy_on
+    from analyses.choosing.compare import accuracy_on
 
     model, processor = loaded or _load(args)
     return accuracy_on(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed))
@@ -241,8 +241,8 @@ def _compare(args: argparse.Namespace) -> int:
     from eemllm_models import load_shapes_vqa
     from eemllm_models.files import atomic_write
 
-    from .compare import compare_policies
-    from .tokens import dataset_token_counts, describe_rows
+    from analyses.choosing.compare import compare_policies
+    from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
     _note_selection_split(args)
     lc = probes.open_result(args.lc, probe="layer_contribution")
@@ -262,8 +262,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     from eemllm_models import EfficiencyPlan
 
-    from .flops import load_config, visual_tokens_per_image
-    from .tokens import resolve_token_counts
+    from analyses.measuring.flops import load_config, visual_tokens_per_image
+    from analyses.measuring.tokens import resolve_token_counts
 
     config = load_config(args.model)
     n_layers = config.get_text_config().num_hidden_layers
@@ -287,7 +287,7 @@ def _describe_modes(plan) -> str:
 
 
 def _shortv_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
-    from .flops import format_flops, plan_flops
+    from analyses.measuring.flops import format_flops, plan_flops
 
     original = float(plan_flops(config, original_plan, tokens).flops.sum())
     planned = float(plan_flops(config, plan, tokens).flops.sum())
@@ -300,7 +300,7 @@ def _shortv_flops(args: argparse.Namespace, config, plan, original_plan, tokens,
 def _full_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
     import pandas as pd
 
-    from .flops import PARTS, flops_unit, full_flops
+    from analyses.measuring.flops import PARTS, flops_unit, full_flops
 
     try:
         parts = PARTS
@@ -330,8 +330,8 @@ def _latency(args: argparse.Namespace) -> int:
     from eemllm_models import EfficiencyPlan
     from eemllm_models.files import atomic_write
 
-    from .benchmarks import shapes_vqa_ranges
-    from .latency import measure_latency
+    from analyses.evaluating.benchmarks import shapes_vqa_ranges
+    from analyses.measuring.latency import measure_latency
 
     EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the model loads
     model, processor = _load(args)
@@ -400,8 +400,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from eemllm_models.apply import applied_plan
     from eemllm_models.files import atomic_write, atomic_write_text
 
-    from .benchmarks import RowRanges, benchmark_ranges
-    from .evaluate import answer_frame, scores
+    from analyses.evaluating.benchmarks import RowRanges, benchmark_ranges
+    from analyses.evaluating.evaluate import answer_frame, scores
 
     benchmark = args.benchmark or ("shapes-vqa" if args.data is None else None)
     if benchmark == "shapes-vqa" and args.data is not None:
@@ -459,7 +459,7 @@ def _report(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from .report import load_report_inputs, write_report
+    from analyses.reporting.report import load_report_inputs, write_report
 
     _check_table(args.latency, "--latency", "latency.csv", "eemllm latency --out DIR", ("variant", "prefill_ms"))
     _check_table(args.comparison, "--comparison", "the CSV file", "eemllm compare --out FILE.csv",
@@ -498,9 +498,9 @@ def _check_table(path: Path | None, flag: str, name: str, command: str, columns:
 
 def _report_flops(model: str | None, plan):
     """The report's FLOPs figures for ``plan`` on ``model`` (the probes' model unless ``--model``), with the
-    token counts of ``analyses.tokens``; None (and a note saying why) when they cannot be counted."""
-    from .flops import flops_figures, load_config
-    from .tokens import resolve_token_counts
+    token counts of ``analyses.measuring.tokens``; None (and a note saying why) when they cannot be counted."""
+    from analyses.measuring.flops import flops_figures, load_config
+    from analyses.measuring.tokens import resolve_token_counts
 
     if not model:
         print("note: FLOPs not counted: the probe result names no model; pass --model", file=sys.stderr)

@@ -8,7 +8,7 @@ latency; save the pruned model and write the redundancy report.
 Three disjoint sets of questions (checked by id): the probes measure on ``train`` prompts, the
 policy comparison (what a choice of policy and k rests on) answers ``validation`` questions, and
 the final original-vs-pruned accuracy is reported on ``test`` questions that nothing chose on.
-The FLOPs figures are counted for the mean prompt of those test questions (``analyses.tokens``),
+The FLOPs figures are counted for the mean prompt of those test questions (``analyses.measuring.tokens``),
 and ``plan.json`` records that prompt, so ``eemllm flops --model default --plan plan.json`` prints
 the same ratio.
 """
@@ -29,14 +29,14 @@ from eemllm_models import EfficiencyPlan, load_default, load_shapes_vqa, save_pr
 from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.zoo import shapes_vqa
 
-from .compare import compare_policies
-from .evaluate import answer_frame, scores
-from .flops import flops_figures, flops_provenance
-from .heldout import check_disjoint, describe
-from .latency import measure_latency
-from .policies import freeze_plan
-from .report import ReportInputs, write_report
-from .tokens import dataset_token_counts, describe_rows
+from analyses.choosing.compare import compare_policies
+from analyses.evaluating.evaluate import answer_frame, scores
+from analyses.measuring.flops import flops_figures, flops_provenance
+from analyses.choosing.heldout import check_disjoint, describe
+from analyses.measuring.latency import measure_latency
+from analyses.choosing.policies import freeze_plan
+from analyses.reporting.report import ReportInputs, write_report
+from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
 SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
@@ -75,7 +75,7 @@ def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
     ``evaluation``: ``n`` test questions, the final original-vs-pruned score; ``selection``:
     ``compare_samples`` validation questions, the policy comparison; ``calibration``: 400 train
     prompts the probes draw their samples from. Checked to share no row with the evaluation set
-    (``analyses.heldout.check_disjoint``).
+    (``analyses.choosing.heldout.check_disjoint``).
     """
     evaluation = load_shapes_vqa("test", n=n, seed=seed)
     selection = load_shapes_vqa("validation", n=compare_samples, seed=seed)

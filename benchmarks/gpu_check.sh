@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's one prepared GPU run (see analyses/gpu_check.py for what it measures and writes).
+# The project's one prepared GPU run (see analyses/measuring/gpu_check.py for what it measures and writes).
 #
 # On the GPU machine, from the repository root, with the carried wheels in .whl/:
 #   bash benchmarks/gpu_check.sh                 # writes $OUT/gpu_check.{json,csv,log} and $OUT/profile.txt
@@ -24,4 +24,4 @@ if ! "$PYTHON" -c "import datasets, h5netcdf" 2>/dev/null; then
     export PYTHONPATH="/tmp/gpu-check-site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-"$PYTHON" -m analyses.gpu_check --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+"$PYTHON" -m analyses.measuring.gpu_check --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

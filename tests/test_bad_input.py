@@ -1,7 +1,6 @@
 """Bad input found in the newcomer run: each error names the problem and the fix, in the words of the
 interface used (CLI flags on the CLI, argument names in Python)."""
 
-import json
 import os
 import shutil
 import signal

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from analyses.benchmarks import BENCHMARKS, COLUMNS, BenchmarkNotFoundError, load_benchmark
-from analyses.evaluate import (
+from analyses.evaluating.benchmarks import BENCHMARKS, COLUMNS, BenchmarkNotFoundError, load_benchmark
+from analyses.evaluating.evaluate import (
     answer_frame,
     extract_choice,
     normalize_vqa_answer,

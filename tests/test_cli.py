@@ -11,7 +11,7 @@ import xarray as xr
 from transformers import AutoProcessor
 
 from analyses.cli import main
-from analyses.evaluate import answer_frame, scores
+from analyses.evaluating.evaluate import answer_frame, scores
 from eemllm_models import EfficiencyPlan, load_pruned, load_shapes_vqa
 
 
@@ -231,8 +231,8 @@ def test_compare_defaults_to_the_validation_split_and_records_it(probe_dir, tmp_
 def test_report_command_counts_the_flops_headline_from_the_plan(probe_dir, tmp_path):
     plan = EfficiencyPlan.from_layers(12, [2, 3, 4, 7, 9, 10, 11]).save(tmp_path / "plan.json")
     assert main(["report", "--probes", str(probe_dir), "--plan", str(plan), "--out", str(tmp_path / "r")]) == 0
-    from analyses.flops import flops_figures, load_config
-    from analyses.tokens import resolve_token_counts
+    from analyses.measuring.flops import flops_figures, load_config
+    from analyses.measuring.tokens import resolve_token_counts
 
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     expected = flops_figures(load_config("default"), EfficiencyPlan.load(plan), resolve_token_counts("default")[0])

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from analyses.compare import compare_policies, text_frozen, text_frozen_flops_ratio
-from analyses.flops import TokenCounts, flops_ratio
+from analyses.choosing.compare import compare_policies, text_frozen, text_frozen_flops_ratio
+from analyses.measuring.flops import TokenCounts, flops_ratio
 from eemllm_models import EfficiencyPlan, load_shapes_vqa, token_layout
 from eemllm_models.families import family_of
 from tiny_models import FAMILIES
@@ -72,8 +72,8 @@ def test_compare_policies_measures_every_policy_at_every_k(default_model):
 
 
 def test_compare_and_accuracy_refuse_a_selection_set_that_overlaps_the_evaluation_set(default_model):
-    from analyses.compare import accuracy_on
-    from analyses.heldout import HeldOutOverlap
+    from analyses.choosing.compare import accuracy_on
+    from analyses.choosing.heldout import HeldOutOverlap
 
     model, processor = default_model
     lc = _tiny_lc(model)

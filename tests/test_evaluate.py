@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from analyses.evaluate import answer_frame, scores
+from analyses.evaluating.evaluate import answer_frame, scores
 from eemllm_models import load_shapes_vqa
 
 
@@ -23,7 +23,7 @@ def test_missing_answer_column_names_the_fix(default_model):
 
 
 def test_streamed_rows_answer_like_the_data_set_and_the_bar_shows_the_total(default_model, capsys):
-    from analyses.benchmarks import benchmark_ranges, load_benchmark
+    from analyses.evaluating.benchmarks import benchmark_ranges, load_benchmark
 
     model, processor = default_model
     whole = answer_frame(model, processor, load_benchmark("shapes-vqa", n=5), batch_size=2, progress=False)

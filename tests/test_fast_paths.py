@@ -239,7 +239,7 @@ def test_block_masks_are_reused_for_a_repeated_layout():
 
 
 def test_bench_scales_paper_configs_and_presets():
-    from analyses.bench_modes import paper_prompt, scaled_llava_config, scaled_preset
+    from analyses.measuring.bench_modes import paper_prompt, scaled_llava_config, scaled_preset
 
     assert scaled_preset("shortv:llava-1.5-7b", 32) == EfficiencyPlan.preset("shortv:llava-1.5-7b")
     shallow = scaled_preset("shortv:llava-1.5-7b", 8)
@@ -257,7 +257,7 @@ def test_bench_runs_a_paper_config_and_writes_its_table(tmp_path, capsys):
 
     import pandas as pd
 
-    from analyses.bench_modes import main
+    from analyses.measuring.bench_modes import main
 
     main(["--config", "llava-next-7b", "--scale", "0.0625", "--layers", "2", "--repeats", "1", "--warmup", "0",
           "--out", str(tmp_path)])

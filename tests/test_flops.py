@@ -4,7 +4,7 @@ from tiny_models import CLIP, IMAGE_TOKEN, TEXT, llava_batch, tiny_llava
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from analyses.cli import main
-from analyses.flops import (
+from analyses.measuring.flops import (
     COMPONENTS,
     MATMUL_COMPONENTS,
     DecoderShape,
@@ -167,7 +167,7 @@ def test_flops_command_full_count(capsys):
 
 
 def test_flops_are_printed_in_a_unit_that_shows_them():
-    from analyses.flops import format_flops
+    from analyses.measuring.flops import format_flops
 
     assert format_flops(8.46e12) == "8.5 TFLOPs" and format_flops(1.16e9) == "1.2 GFLOPs"
     assert format_flops(2.3e7) == "23.0 MFLOPs" and format_flops(512) == "512.0 FLOPs"
@@ -177,7 +177,7 @@ def _default_plan_with_every_mode(tmp_path, tokens):
     import numpy as np
     import xarray as xr
 
-    from analyses.policies import budget_plan
+    from analyses.choosing.policies import budget_plan
 
     contribution = np.linspace(0.01, 0.2, 36).reshape(1, 12, 3)
     contribution[..., 0] += 1.0  # frozen costs most: the plan mixes naavit and composite
@@ -206,8 +206,8 @@ def test_flops_command_prints_the_ratio_a_plan_recorded_under_each_convention(tm
 
 
 def test_flops_of_the_default_model_count_its_real_prompts(tmp_path, capsys):
-    from analyses.flops import flops_figures
-    from analyses.tokens import DEFAULT_ROWS, each_prompt_token_counts, resolve_token_counts
+    from analyses.measuring.flops import flops_figures
+    from analyses.measuring.tokens import DEFAULT_ROWS, each_prompt_token_counts, resolve_token_counts
     from eemllm_models import default_model_path
     from transformers import AutoProcessor
 

@@ -4,7 +4,7 @@ import datasets
 import pytest
 
 from analyses.demo import demo_sets
-from analyses.heldout import HeldOutOverlap, check_disjoint, describe, shared_rows
+from analyses.choosing.heldout import HeldOutOverlap, check_disjoint, describe, shared_rows
 from eemllm_models import load_shapes_vqa
 
 

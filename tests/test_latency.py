@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from analyses.latency import RAW_COLUMNS, SUMMARY_COLUMNS, greedy_decode, measure_latency
+from analyses.measuring.latency import RAW_COLUMNS, SUMMARY_COLUMNS, greedy_decode, measure_latency
 from eemllm_models import EfficiencyPlan, build_prompt, load_shapes_vqa
 
 FROZEN = EfficiencyPlan.from_layers(12, [2, 6, 7, 8, 9, 10, 11], "frozen")
@@ -108,8 +108,8 @@ def test_iqr_is_zero_for_one_repeat(default_model, data):
 
 
 def test_prompts_are_encoded_per_batch_and_batches_past_the_budget_again(default_model):
-    from analyses.benchmarks import shapes_vqa_ranges
-    from analyses.latency import _Batches
+    from analyses.evaluating.benchmarks import shapes_vqa_ranges
+    from analyses.measuring.latency import _Batches
 
     model, processor = default_model
     rows = shapes_vqa_ranges("test", n=5)

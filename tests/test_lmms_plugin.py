@@ -1,4 +1,4 @@
-"""The lmms-eval model plugin (``analyses.lmms_model``) against eemllm's own answering.
+"""The lmms-eval model plugin (``analyses.evaluating.lmms_model``) against eemllm's own answering.
 
 Everything but the import-isolation check skips where lmms-eval is not installed (CI installs
 only ``.[test]``); install ``.[lmms]`` to run them.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def plugin():
     pytest.importorskip("lmms_eval")
-    from analyses import lmms_model
+    from analyses.evaluating import lmms_model
 
     return lmms_model
 
@@ -150,7 +150,7 @@ def test_simple_evaluate_on_a_local_task_scores_like_eemllm(plugin, plan, defaul
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from analyses.evaluate import answer_frame
+    from analyses.evaluating.evaluate import answer_frame
 
     rows = load_shapes_vqa("test", n=6)
     datasets.DatasetDict({"test": rows}).save_to_disk(str(tmp_path / "data"))

@@ -15,9 +15,9 @@ import pytest
 import xarray as xr
 
 import probes
-from analyses.benchmarks import load_local_dataset
+from analyses.evaluating.benchmarks import load_local_dataset
 from analyses.cli import main
-from analyses.evaluate import answer_frame
+from analyses.evaluating.evaluate import answer_frame
 from eemllm_models import load_shapes_vqa
 
 FORMATS = ("save_to_disk", "parquet", "jsonl")

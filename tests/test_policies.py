@@ -3,9 +3,9 @@ import pytest
 import xarray as xr
 from transformers import LlamaConfig
 
-from analyses.flops import TokenCounts, flops_ratio
+from analyses.measuring.flops import TokenCounts, flops_ratio
 from eemllm_models import EfficiencyPlan
-from analyses.policies import (
+from analyses.choosing.policies import (
     budget_plan,
     change_candidates,
     freeze_plan,

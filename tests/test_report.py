@@ -13,9 +13,9 @@ import xarray as xr
 from PIL import Image
 
 import probes
-from analyses.accuracy import accuracy_table, paired_table
-from analyses.policies import freeze_plan
-from analyses.report import FAR_MORE_POINTS, ReportInputs, check_claims, load_report_inputs, write_report
+from analyses.evaluating.accuracy import accuracy_table, paired_table
+from analyses.choosing.policies import freeze_plan
+from analyses.reporting.report import FAR_MORE_POINTS, ReportInputs, check_claims, load_report_inputs, write_report
 from eemllm_models import EfficiencyPlan, load_shapes_vqa
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,7 +52,7 @@ def _parse(markup: str) -> _Page:
 
 
 def _comparison(text_drop: float = 0.08, shortv_first: bool = True) -> pd.DataFrame:
-    """A policy comparison frame as analyses.compare.compare_policies returns it (3 random seeds)."""
+    """A policy comparison frame as analyses.choosing.compare.compare_policies returns it (3 random seeds)."""
     rows = [{"policy": "original", "k": 0, "seed": 0, "flops_ratio": 1.0, "accuracy": 0.9}]
     for k in (2, 4, 6):
         ratio = 1 - 0.05 * k

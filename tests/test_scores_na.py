@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses.evaluate import scores
-from analyses.policies import freeze_plan
-from analyses.report import ReportInputs, write_report
+from analyses.evaluating.evaluate import scores
+from analyses.choosing.policies import freeze_plan
+from analyses.reporting.report import ReportInputs, write_report
 
 
 def _frame(answers, predictions):

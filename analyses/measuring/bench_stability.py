@@ -1,6 +1,6 @@
 """How many probe samples the ShortV choice needs before it stops depending on which samples were probed.
 
-``python -m analyses.bench_stability [--pool 256] [--sizes 16 32 48 64 96 128] [--k 7] [--lc pool.nc]``
+``python -m analyses.measuring.bench_stability [--pool 256] [--sizes 16 32 48 64 96 128] [--k 7] [--lc pool.nc]``
 probes the visual Layer Contribution of ``--pool`` shapes-vqa train prompts on the embedded
 default model once (the demo's calibration set and order: the first ``n`` of them are what the
 demo probes with ``--probe-samples n``), or reads them from ``--lc``, then for each size ``n``

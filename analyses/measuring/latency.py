@@ -158,7 +158,7 @@ class _Batches:
     """The left-padded encoded batches of ``batch_size`` prompts, encoded when a run first needs them.
 
     ``images`` and ``questions`` are sliced one batch at a time, so lazy sequences (such as
-    :meth:`analyses.benchmarks.RowRanges.column`) are read, and their images decoded, per batch.
+    :meth:`analyses.evaluating.benchmarks.RowRanges.column`) are read, and their images decoded, per batch.
     The first batches are kept while they fit in ``kept_bytes``; the rest are encoded again on each
     pass. ``prompt_tokens``: the longest padded batch seen so far.
     """

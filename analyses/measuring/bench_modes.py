@@ -2,7 +2,7 @@
 
 Two ways to run it (the same command on CPU and on CUDA):
 
-``python -m analyses.bench_modes [--repeats 5] [--out DIR]``: the fixed mid-size comparison
+``python -m analyses.measuring.bench_modes [--repeats 5] [--out DIR]``: the fixed mid-size comparison
 (reproducible: fixed seeds and sizes):
 
 * the embedded default model on a batch of 8 shapes-vqa prompts (100 visual tokens each);
@@ -12,8 +12,8 @@ Two ways to run it (the same command on CPU and on CUDA):
 each with every layer ``frozen``, ``naavit`` or ``composite``, and an empty plan (the toolkit's
 own overhead).
 
-``python -m analyses.bench_modes --config llava-1.5-7b [--images 4] [--scale 0.25] [--layers 8]``:
-a random-weight model with the decoder of a paper model's config (``analyses/model_configs``;
+``python -m analyses.measuring.bench_modes --config llava-1.5-7b [--images 4] [--scale 0.25] [--layers 8]``:
+a random-weight model with the decoder of a paper model's config (``analyses/measuring/model_configs``;
 ``--config all`` runs LLaVA-1.5-7B with 1, 4 and 8 images and LLaVA-NeXT-7B), ``--scale``
 narrowing it (heads, hidden and MLP sizes times the scale; head size kept) and ``--layers``
 making it shallower, for CPUs. The prompt is ``35`` text tokens (LLaVA's system prompt), the
@@ -30,7 +30,7 @@ What is timed: ``model(**inputs, logits_to_keep=1)`` (the prefill step of ``gene
 rounds and repeats; inside each round every plan runs once, one after the other, so every ratio
 compares runs made side by side. CPU: ``time.perf_counter`` (``--clock cpu``: this process's CPU
 time, less disturbed by other processes on a shared machine); CUDA: CUDA events. Printed per plan:
-the analytic decoder FLOPs ratio (``analyses.flops.flops_ratio``) and its ideal speedup, the
+the analytic decoder FLOPs ratio (``analyses.measuring.flops.flops_ratio``) and its ideal speedup, the
 median time, the measured speedup and its share of the ideal, the baseline's achieved TFLOP/s
 (decoder FLOPs / median time) beside a measured matmul peak of the device, and the peak memory of
 a run (CUDA; NaN on CPU). ``--out DIR`` writes ``bench_modes.csv`` and ``bench_modes.json``.
@@ -63,7 +63,7 @@ from eemllm_models import EfficiencyPlan, apply_plan, build_prompt, load_default
 from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.machine import describe
 
-from .flops import TokenCounts, flops_ratio, load_config, plan_flops
+from analyses.measuring.flops import TokenCounts, flops_ratio, load_config, plan_flops
 
 LEGACY_MODES = ("frozen", "naavit", "composite")
 IMAGE_TOKEN = 32000
@@ -106,7 +106,7 @@ def default_model_batch(n: int = 8) -> tuple[LlavaForConditionalGeneration, dict
 
 
 def scaled_llava_config(name: str, scale: float = 1.0, layers: int | None = None) -> LlavaConfig:
-    """A LLaVA-1.5 config with the decoder of paper model ``name`` (``analyses/model_configs``), narrowed
+    """A LLaVA-1.5 config with the decoder of paper model ``name`` (``analyses/measuring/model_configs``), narrowed
     by ``scale`` (heads, hidden and MLP sizes; the head size is kept) and cut to ``layers`` layers,
     and a one-layer 336 px / 14 px CLIP stand-in tower of width 64 (576 visual tokens per image)."""
     text = copy.deepcopy(load_config(name).get_text_config())

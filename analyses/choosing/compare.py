@@ -7,7 +7,7 @@ not the visual ones, are frozen in the ``shortv``-chosen layers.
 
 A comparison *chooses* (which policy, which ``k``), so it runs on a selection split (shapes-vqa
 ``validation``); the chosen plan's final score belongs to a split it never saw (``test``). Pass that
-evaluation set as ``evaluation=`` and the rows are checked for overlap (``analyses.heldout``).
+evaluation set as ``evaluation=`` and the rows are checked for overlap (``analyses.choosing.heldout``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from transformers import PreTrainedModel, ProcessorMixin
 from eemllm_models import EfficiencyPlan, token_layout
 from eemllm_models.families import family_of
 
-from .evaluate import answer_frame
-from .flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
-from .heldout import check_disjoint, describe
-from .policies import POLICIES, freeze_plan
+from analyses.evaluating.evaluate import answer_frame
+from analyses.measuring.flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
+from analyses.choosing.heldout import check_disjoint, describe
+from analyses.choosing.policies import POLICIES, freeze_plan
 
 COMPARED = (*POLICIES, "text")
 """What :func:`compare_policies` measures: the freezing policies and the frozen-text control."""
@@ -124,7 +124,7 @@ def accuracy_on(model: PreTrainedModel, processor: ProcessorMixin, data: dataset
     """A function ``plan -> accuracy`` of ``model`` on the selection set ``data``.
 
     ``evaluation``: the set the chosen plan will be scored on; when given, ``data`` and it must share
-    no row (:func:`analyses.heldout.check_disjoint`; ``allow_overlap`` only warns).
+    no row (:func:`analyses.choosing.heldout.check_disjoint`; ``allow_overlap`` only warns).
     """
     if evaluation is not None:
         check_disjoint(data, evaluation, allow_overlap)
@@ -142,7 +142,7 @@ def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: da
     convention), ``accuracy``, ``correct`` and ``outcomes`` (per question, ``+`` right / ``-`` wrong,
     for paired intervals: :meth:`HeldOutAccuracy.outcomes`), ``split`` and ``n`` (the split and number
     of questions of ``data`` each accuracy was measured on); plus one ``original`` row at ``k`` 0. ``tokens``: the prompt the
-    FLOPs are counted for (``analyses.tokens.dataset_token_counts``). ``evaluation``: the set the
+    FLOPs are counted for (``analyses.measuring.tokens.dataset_token_counts``). ``evaluation``: the set the
     chosen plan is scored on, checked to share no row with ``data`` (``allow_overlap`` only warns).
     """
     unknown = sorted(set(compared) - set(COMPARED))

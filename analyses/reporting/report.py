@@ -34,11 +34,11 @@ from probes import uncertainty
 from eemllm_models import EfficiencyPlan
 from eemllm_models.files import atomic_write, atomic_write_dir, atomic_write_text
 
-from . import plots
-from . import report_page as page
-from .accuracy import accuracy_table, has_paired_outcomes, paired_table
-from .claims import (FAR_MORE_FACTOR, FAR_MORE_POINTS, ORDER_CLAIM, TEXT_CLAIM, _points, _policy_accuracy,
-                     check_claims)
+from analyses.reporting import plots
+from analyses.reporting import page
+from analyses.evaluating.accuracy import accuracy_table, has_paired_outcomes, paired_table
+from analyses.reporting.claims import (FAR_MORE_FACTOR, FAR_MORE_POINTS, ORDER_CLAIM, TEXT_CLAIM, _points,
+                                       _policy_accuracy, check_claims)
 
 PROBE_FILES = {"lc": "lc.nc", "attention": "attention.nc", "modes": "mode_contribution.nc"}
 """Report input name -> file name (as ``eemllm probe`` writes them)."""
@@ -86,7 +86,7 @@ def check_probe_result(result: xr.Dataset, name: str, source: str | None = None)
 
 FLOPS_KEYS = ("decoder_flops_ratio", "decoder_flops_original", "decoder_flops_pruned", "prefill_flops_ratio",
               "prefill_flops_original", "prefill_flops_pruned", "text_tokens", "visual_tokens")
-"""The FLOPs figures a report shows (``analyses.flops.flops_figures``)."""
+"""The FLOPs figures a report shows (``analyses.measuring.flops.flops_figures``)."""
 
 
 @dataclass
@@ -95,15 +95,15 @@ class ReportInputs:
 
     ``lc``/``attention``/``modes``: results of ``probes.layer_contribution`` / ``attention_statistics`` /
     ``mode_contribution``. ``comparison``: one row per measured plan, columns ``policy``, ``k``,
-    ``flops_ratio``, ``accuracy`` (``analyses.compare.compare_policies``; an ``original`` row at k 0,
+    ``flops_ratio``, ``accuracy`` (``analyses.choosing.compare.compare_policies``; an ``original`` row at k 0,
     and a ``text`` policy for the frozen-text control). ``latency``: one row per ``variant`` with
     ``prefill_ms``, ``prefill_speedup``, ... (every column present is shown). ``scores``:
-    ``{"original": scores, "pruned": scores}`` of ``analyses.evaluate.scores``. ``answers``:
+    ``{"original": scores, "pruned": scores}`` of ``analyses.evaluating.evaluate.scores``. ``answers``:
     per-sample outputs (``id``, ``qtype``, ``question``, ``answer``, ``prediction``,
     ``pruned_prediction``, ...). ``flops``: headline FLOPs figures (``decoder_flops_ratio``, ...).
     ``pruned_model``: the saved pruned model's folder. ``sources``: input name -> file it was read from.
     ``evaluation``: what ``scores`` and ``answers`` were measured on (``dataset``, ``split``, ``n``,
-    as :func:`analyses.heldout.describe` gives it), shown next to every accuracy.
+    as :func:`analyses.choosing.heldout.describe` gives it), shown next to every accuracy.
     """
 
     lc: xr.Dataset
@@ -141,9 +141,10 @@ class ReportInputs:
             missing = {"policy", "k", "flops_ratio", "accuracy"} - set(self.comparison.columns)
             if missing:
                 raise ValueError(f"the comparison frame lacks columns {sorted(missing)}; make it with "
-                                 "analyses.compare.compare_policies")
+                                 "analyses.choosing.compare.compare_policies")
         if self.scores is not None and not {"original", "pruned"} <= set(self.scores):
-            raise ValueError(f"scores need 'original' and 'pruned' entries (analyses.evaluate.scores of each, e.g. "
+            raise ValueError("scores need 'original' and 'pruned' entries (analyses.evaluating.evaluate.scores of "
+                             "each, e.g. "
                              f'scores.json as {{"original": {{...}}, "pruned": {{...}}}}); got {sorted(self.scores)}')
         if self.pruned_model is not None:
             self.pruned_model = Path(self.pruned_model)
@@ -243,7 +244,7 @@ def load_report_inputs(
 
 # ----------------------------------------------------------------------------- measured claims
 
-# check_claims, ORDER_CLAIM, TEXT_CLAIM and the "far more" thresholds live in analyses.claims (decided
+# check_claims, ORDER_CLAIM, TEXT_CLAIM and the "far more" thresholds live in analyses.reporting.claims (decided
 # from intervals) and are re-exported here.
 __all__ = ["FAR_MORE_FACTOR", "FAR_MORE_POINTS", "ORDER_CLAIM", "TEXT_CLAIM", "ReportInputs", "check_claims",
            "check_probe_result", "load_report_inputs", "report_summary", "write_report"]
@@ -427,7 +428,7 @@ def _difference_text(record: Mapping[str, float]) -> str:
 
 def _flops_detail(flops: Mapping[str, float]) -> str:
     """The FLOPs card's detail: speedup, amounts per prompt (in a unit that shows them) and the prompt."""
-    from .flops import format_flops
+    from analyses.measuring.flops import format_flops
 
     ratio = flops.get("decoder_flops_ratio")
     if ratio is None:

@@ -1,6 +1,6 @@
 """Cost of the Layer Contribution sweep against the naive L+1 full passes per group, side by side.
 
-``python -m analyses.bench_probes [--samples 16] [--repeats 3] [--out results.csv]`` runs
+``python -m analyses.measuring.bench_probes [--samples 16] [--repeats 3] [--out results.csv]`` runs
 ``probes.layer_contribution`` on the embedded default model (all layers, both groups) with
 ``implementation="sweep"`` and with ``"reference"`` (one full forward pass of the model, vision
 tower included, per layer and group, plus the original) on the same samples, alternating the two

@@ -1,6 +1,6 @@
 """The claims a report checks, decided from the policy comparison with intervals, not point estimates.
 
-Two claims, each judged from an ``analyses.compare.compare_policies`` frame:
+Two claims, each judged from an ``analyses.choosing.compare.compare_policies`` frame:
 
 * **policy order**: at equal ``k`` (equal FLOPs), LC-chosen layers keep at least the accuracy of
   cosine-chosen ones, and those at least that of random ones;

@@ -1,7 +1,7 @@
 """The project's one prepared GPU run: every GPU figure in one command, within a time budget.
 
 ``bash benchmarks/gpu_check.sh`` on a GPU machine (it installs carried wheels, then runs
-``python -m analyses.gpu_check --out $OUT``); ``python -m analyses.gpu_check --cpu-smoke --out DIR``
+``python -m analyses.measuring.gpu_check --out $OUT``); ``python -m analyses.measuring.gpu_check --cpu-smoke --out DIR``
 runs the same code paths at toy size on a CPU in well under two minutes (CI does, in a test).
 
 Steps, each timed and recorded even when one fails (a GPU lease is short: one failing step must
@@ -10,7 +10,7 @@ not cost the others' figures):
 1. ``environment``: device, its capability and memory, torch/transformers/triton versions.
 2. ``cuda_tests``: the CUDA-marked tests (``pytest -k cuda``: fast path == reference in bf16 with the
    documented tolerance; skipped on a CPU).
-3. ``prefill``: :func:`analyses.bench_modes.time_plans` on random-weight LLaVA decoders at the paper
+3. ``prefill``: :func:`analyses.measuring.bench_modes.time_plans` on random-weight LLaVA decoders at the paper
    configs' full width (LLaVA-1.5-7B with 1, 4 and 8 images, LLaVA-NeXT-7B's 2880 visual tokens),
    bf16 and ``sdpa``, for the empty plan, ShortV's preset, every layer ``naavit`` (gather and
    FlexAttention kernels), every layer ``composite`` and a budget-style mix (the preset's layers
@@ -51,8 +51,8 @@ from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.machine import describe
 from eemllm_models.modes import flex_available
 
-from .bench_modes import matmul_peak_tflops, paper_case, profile_plan, time_plans
-from .latency import time_greedy
+from analyses.measuring.bench_modes import matmul_peak_tflops, paper_case, profile_plan, time_plans
+from analyses.measuring.latency import time_greedy
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 def cuda_tests(timeout_s: float) -> dict[str, Any]:
     """Run the CUDA-marked tests in a subprocess; their exit code and the end of their output."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_fast_paths.py"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).parents[1])
-    return {"command": " ".join(command[2:]), "returncode": done.returncode, "tail": (done.stdout + done.stderr)[-3000:]}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).parents[2])
+    return {"command": " ".join(command[2:]), "returncode": done.returncode,
+            "tail": (done.stdout + done.stderr)[-3000:]}
 
 
 def _plans(plans: dict[str, EfficiencyPlan], device: torch.device) -> tuple[dict[str, EfficiencyPlan], dict[str, str]]:
@@ -143,7 +144,8 @@ def decode(size: Size, device: torch.device, dtype: torch.dtype) -> list[dict[st
     """Greedy decoding with the KV cache: median prefill and per-token decode ms per plan, interleaved."""
     name, images = size.cases[0]
     label, model, inputs, plans = paper_case(name, images, size.scale, size.layers, device, dtype)
-    chosen = {"original": None, **{k: v for k, v in plans.items() if k.startswith("shortv:")}, "naavit": plans["naavit"]}
+    presets = {k: v for k, v in plans.items() if k.startswith("shortv:")}
+    chosen = {"original": None, **presets, "naavit": plans["naavit"]}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in chosen}
     for r in range(size.warmup + size.repeats):
         for key, plan in chosen.items():
@@ -239,7 +241,8 @@ def run(out: Path, size: Size, device: torch.device, dtype: torch.dtype, budget_
         atomic_write(out / "gpu_check.csv", lambda tmp: table.to_csv(tmp, index=False))
         shown = ["model", "plan", "flops_ratio", "ideal_speedup", "median_ms", "speedup", "of_ideal", "base_tflops",
                  "peak_memory_gb"]
-        log(f"prefill, matmul peak {peak:.1f} TFLOP/s\n" + table[shown].to_string(index=False, float_format="{:.3f}".format))
+        log(f"prefill, matmul peak {peak:.1f} TFLOP/s\n"
+            + table[shown].to_string(index=False, float_format="{:.3f}".format))
         log("targets\n" + pd.DataFrame(result["targets"]).to_string(index=False, float_format="{:.3f}".format))
     result["decode"] = step("decode", lambda: decode(size, device, dtype))
     if result["decode"]:

@@ -6,7 +6,7 @@ here, in this order (:func:`resolve_token_counts`):
 1. counts given explicitly (``eemllm flops --text-tokens/--visual-tokens``);
 2. the counts a plan recorded in its provenance when it was made (``tokens``: the mean prompt of
    the rows it was chosen or scored on, and where they came from);
-3. for the ShortV paper's models (configs shipped in ``analyses/model_configs``), the paper's
+3. for the ShortV paper's models (configs shipped in ``analyses/measuring/model_configs``), the paper's
    convention: 64 text tokens and 576 (LLaVA-1.5) or 2880 (LLaVA-NeXT) visual tokens;
 4. for a model with a processor (``default``, a model or pruned-model folder), the mean prompt
    of :data:`DEFAULT_ROWS` of shapes-vqa (the demo's evaluation questions) through its processor.
@@ -28,7 +28,7 @@ from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, Proce
 from eemllm_models import EfficiencyPlan, TokenLayout, build_prompt, load_shapes_vqa
 from eemllm_models.layout import visual_token_ids
 
-from .flops import MODEL_CONFIGS, PAPER_VISUAL_TOKENS, TokenCounts, load_config
+from analyses.measuring.flops import MODEL_CONFIGS, PAPER_VISUAL_TOKENS, TokenCounts, load_config
 
 DEFAULT_ROWS = {"split": "test", "n": 28, "seed": 0}
 """The shapes-vqa questions whose mean prompt stands for a model's prompts when no data set is named:

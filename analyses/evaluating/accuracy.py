@@ -29,7 +29,7 @@ PAIRED_COLUMNS = ("qtype", "n", "original", "pruned", "difference", "low", "high
 def _outcomes(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
         raise ValueError(f"the answers have no {column!r} column (they have {list(frame.columns)}); make them with "
-                         "analyses.evaluate.answer_frame")
+                         "analyses.evaluating.evaluate.answer_frame")
     values = frame[column]
     if values.dtype == object:  # "True"/"False" read back from a CSV with keep_default_na=False
         values = values.map(lambda v: {"True": True, "False": False}.get(v, v) if isinstance(v, str) else v)

@@ -20,7 +20,7 @@ within a tolerance.
 
 Held out: the ``accuracy`` that ``greedy`` and ``shortv_within_tolerance`` choose by must be measured
 on a *selection* set (shapes-vqa ``validation``), never on the set the chosen plan is finally scored on
-(``test``); ``analyses.compare.accuracy_on(..., evaluation=...)`` checks the two are disjoint. The
+(``test``); ``analyses.choosing.compare.accuracy_on(..., evaluation=...)`` checks the two are disjoint. The
 plan's provenance records the selection set (``selection``: dataset, split, n) next to every
 accuracy, and its FLOPs ratio under its named convention (``flops.flops_provenance``).
 """
@@ -36,8 +36,8 @@ from transformers import PretrainedConfig
 
 from eemllm_models import EfficiencyPlan
 
-from .flops import DecoderShape, TokenCounts, flops_provenance, flops_ratio, layer_flops
-from .heldout import describe
+from analyses.measuring.flops import DecoderShape, TokenCounts, flops_provenance, flops_ratio, layer_flops
+from analyses.choosing.heldout import describe
 
 POLICIES = ("shortv", "cosine", "random")
 """Policies that freeze the visual tokens of ``k`` ranked layers."""
@@ -147,7 +147,8 @@ def budget_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts
 
 
 def _selection(accuracy: Callable[[EfficiencyPlan], float]) -> dict:
-    """What ``accuracy`` measures on (dataset, split, n), when it says (``analyses.compare.accuracy_on``'s does)."""
+    """What ``accuracy`` measures on (dataset, split, n), when it says
+    (``analyses.choosing.compare.accuracy_on``'s does)."""
     data = getattr(accuracy, "data", None)
     return {"selection": describe(data)} if data is not None else {}
 
@@ -159,7 +160,7 @@ def greedy_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts
     one whose plan (with the changes kept so far) stays within ``tolerance`` of the original accuracy.
 
     ``accuracy(plan)`` measures a plan on a held-out *selection* split (e.g.
-    ``analyses.compare.accuracy_on`` on shapes-vqa ``validation``); report the result on another.
+    ``analyses.choosing.compare.accuracy_on`` on shapes-vqa ``validation``); report the result on another.
     ``target``: stop as soon as the plan's decoder FLOPs ratio is at most this share of the original
     (default: try every change). A layer keeps the first change accepted for it. The provenance
     lists every trial and its accuracy, the final plan's ``accuracy`` on the selection set (and that

@@ -271,7 +271,8 @@ def flops_figures(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenC
 
 def _activation_flops(name: str) -> int:
     if name not in ACTIVATION_FLOPS:
-        raise ValueError(f"no per-element cost for activation {name!r}; add it to analyses.flops.ACTIVATION_FLOPS "
+        raise ValueError(f"no per-element cost for activation {name!r}; add it to "
+                         "analyses.measuring.flops.ACTIVATION_FLOPS "
                          f"(known: {sorted(ACTIVATION_FLOPS)})")
     return ACTIVATION_FLOPS[name]
 

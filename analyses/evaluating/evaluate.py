@@ -1,6 +1,6 @@
 """Benchmark evaluation: batched greedy answers on a ``datasets.Dataset``, per-sample outputs and scores.
 
-The data set says how it is scored: a set from :func:`analyses.benchmarks.load_benchmark` names
+The data set says how it is scored: a set from :func:`analyses.evaluating.benchmarks.load_benchmark` names
 its benchmark in ``info.dataset_name``, whose metric is one of
 
 - ``exact_match`` (shapes-vqa, GQA): the normalised prediction equals the answer;
@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from eemllm_models import EfficiencyPlan, generate_answers
 from eemllm_models.zoo.shapes_vqa import exact_match, normalize_answer
 
-from .benchmarks import LETTERS, RowRanges, benchmark_spec
+from analyses.evaluating.benchmarks import LETTERS, RowRanges, benchmark_spec
 
 MME_CATEGORIES = {
     "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -154,7 +154,8 @@ def answer_frame(
     (its columns and attrs).
 
     Rows are read one batch at a time (images decoded per batch); ``dataset`` may be a
-    :class:`~analyses.benchmarks.RowRanges` (such as :func:`~analyses.benchmarks.benchmark_ranges`),
+    :class:`~analyses.evaluating.benchmarks.RowRanges` (such as
+    :func:`~analyses.evaluating.benchmarks.benchmark_ranges`),
     which builds each batch only when it is answered, so memory stays flat in the number of rows.
     The progress bar counts questions and shows the time left. ``max_new_tokens`` defaults to the
     benchmark's (16; 8 for shapes-vqa and unregistered sets).

@@ -110,7 +110,8 @@ def render(title: str, subtitle: str, items: Sequence[Item]) -> tuple[str, str]:
     page, markdown = _environments()
     unknown = sorted({item["kind"] for item in items} - KINDS)
     if unknown:
-        raise ValueError(f"report items of unknown kind {unknown}; make them with analyses.report_page's constructors")
+        raise ValueError(f"report items of unknown kind {unknown}; make them with the constructors of "
+                         "analyses.reporting.page")
     context = {"title": title, "subtitle": subtitle, "items": list(items),
                "sections": [item for item in items if item["kind"] == "heading"]}
     return (page.get_template("report.html.j2").render(context),

@@ -1,7 +1,7 @@
 """Benchmark data sets: the built-in shapes-vqa and loaders for the public sets the papers report.
 
 Every loader returns a ``datasets.Dataset`` with the same columns (see :data:`COLUMNS`) and
-``info.dataset_name`` set to the benchmark's name, which is how :func:`analyses.evaluate.answer_frame`
+``info.dataset_name`` set to the benchmark's name, which is how :func:`analyses.evaluating.evaluate.answer_frame`
 picks the metric. Prompts follow LLaVA-1.5's evaluation (as lmms-eval's default prompts reproduce
 it): options as ``"A. text"`` lines, then the instruction.
 

@@ -1,0 +1,1 @@
+"""Choosing plans: policies over probe results, accuracy-checked comparisons, held-out discipline."""

@@ -1,0 +1,1 @@
+"""Reporting: the redundancy report folder (Jinja2 templates), its figures and the checked claims."""
