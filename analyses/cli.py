@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pandas as pd
 
 from eemllm_models.zoo import shapes_vqa
 
@@ -30,29 +33,58 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     frozen = sorted(result.plan.layers("frozen"))
     print(f"ShortV plan: freeze visual tokens in layers {frozen}; decoder FLOPs {result.flops_ratio:.0%} of the original")
-    print(f"{'':>9}  original  pruned  chance")
-    for qtype, group in frame.groupby("qtype"):
-        print(f"{qtype:>9}: {group.correct.mean():7.1%} {group.pruned_correct.mean():7.1%}  "
-              f"{shapes_vqa.CHANCE[qtype]:5.0%}  (n={len(group)})")
-    print(f"  overall: {frame.correct.mean():7.1%} {frame.pruned_correct.mean():7.1%}  (n={len(frame)})")
+    _print_accuracies(frame, result.evaluation)
     print()
     table = result.comparison.groupby(["k", "policy"], sort=False).agg(
         flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean")).unstack("policy")["accuracy"]
-    print("accuracy by number of frozen layers (random: mean of 3 seeds; text: text tokens frozen instead):")
+    compared = result.comparison.iloc[0]
+    print(f"accuracy by number of frozen layers on {compared.n} {compared.split} questions "
+          "(random: mean of 3 seeds; text: text tokens frozen instead):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    claims = json.loads((result.report.parent / "summary.json").read_text())["claims"]
+    for claim in claims.values():
+        print(f"claim {claim['claim']!r}: {claim['verdict']}")
     latency = result.latency.set_index("variant")
+    noisy = "; noisy: interval includes 1.0" if latency.noisy["pruned"] else ""
     print(f"prefill {latency.prefill_ms['original']:.0f} ms -> {latency.prefill_ms['pruned']:.0f} ms "
-          f"({latency.prefill_speedup['pruned']:.2f}x, median of {latency.repeats['pruned']} paired runs)")
+          f"({latency.prefill_speedup['pruned']:.2f}x, 95% interval {latency.prefill_speedup_low['pruned']:.2f}-"
+          f"{latency.prefill_speedup_high['pruned']:.2f}x over {latency.repeats['pruned']} paired runs{noisy})")
     print(f"wrote {args.out}: report/index.html, pruned-model/, plan.json, the probes' .nc files, "
           "comparison.csv, latency.csv, demo_answers.csv, demo_summary.json")
     return 0
 
 
+def _print_accuracies(frame, evaluation: dict) -> None:
+    """Accuracy per question type, original and pruned, each with n and its Wilson interval, and the
+    paired pruned-minus-original difference with its interval and McNemar's p."""
+    from analyses.evaluating.accuracy import accuracy_table, paired_table
+
+    original, pruned = accuracy_table(frame), accuracy_table(frame, "pruned_correct")
+    paired = paired_table(frame).set_index("qtype")
+    level = f"{original.level.iloc[0]:.0%}"
+    print(f"accuracy on {evaluation['n']} {evaluation['dataset']} {evaluation['split']} questions "
+          f"(no choice saw them), with {level} intervals:")
+    print(f"{'':>9}  {'n':>3}  {'original':>21}  {'pruned':>21}  {'pruned - original, points':>27}  chance")
+    for (_, a), (_, b) in zip(original.iterrows(), pruned.iterrows()):
+        d = paired.loc[a.qtype]
+        chance = f"{shapes_vqa.CHANCE[a.qtype]:5.0%}" if a.qtype in shapes_vqa.CHANCE else ""
+        verdict = "" if d.resolved else " (not resolved)"
+        print(f"{a.qtype:>9}: {a.n:>3}  {a.accuracy:6.1%} [{a.low:5.1%}, {a.high:6.1%}]  "
+              f"{b.accuracy:6.1%} [{b.low:5.1%}, {b.high:6.1%}]  "
+              f"{100 * d.difference:+5.1f} [{100 * d.low:+5.1f}, {100 * d.high:+5.1f}]{verdict:>15}  {chance}")
+    print()
+
+
 def _print_lc(lc) -> None:
     """The mean Layer Contribution per layer and group, and how often visual is below text."""
     table = lc.lc.mean("sample").to_pandas()
-    print(f"Layer Contribution ({lc.attrs['divergence']}, nats, mean over {lc.sizes['sample']} samples):")
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    level = f"{lc.lc_low.attrs.get('interval_level', 0.95):.0%}"
+    shown = pd.DataFrame({f"{g} {column}": values[g] for g in table.columns
+                          for column, values in (("mean", table), ("low", lc.lc_low.to_pandas()),
+                                                 ("high", lc.lc_high.to_pandas()))})
+    print(f"Layer Contribution ({lc.attrs['divergence']}, nats, mean over {lc.sizes['sample']} samples, "
+          f"{level} bootstrap interval):")
+    print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
     below = int((table.visual < table.text).sum())
     print(f"visual LC below text LC in {below} of {len(table)} layers")
 

@@ -48,7 +48,7 @@ COMPARED_KS = (3, 5, 7, 9)
 class DemoResult:
     """What the demo measured: per-question answers of the original and the pruned model, the
     Layer Contribution, the plan, its decoder FLOPs ratio, the policy comparison, the latency
-    table and the report's ``index.html``."""
+    table, the report's ``index.html`` and what the answers were scored on (``dataset``, ``split``, ``n``)."""
 
     answers: pd.DataFrame
     lc: xr.Dataset
@@ -57,6 +57,7 @@ class DemoResult:
     comparison: pd.DataFrame
     latency: pd.DataFrame
     report: Path
+    evaluation: dict
 
 
 def _strict_json(value):
@@ -149,4 +150,4 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
                           title="Redundancy report: eemllm default model on shapes-vqa",
                           evaluation=summary["evaluation"])
     report = write_report(inputs, out / "report", overwrite=overwrite)
-    return DemoResult(frame, lc, plan, ratio, comparison, latency, report)
+    return DemoResult(frame, lc, plan, ratio, comparison, latency, report, summary["evaluation"])
