@@ -90,3 +90,10 @@ def test_train_validation_and_test_are_disjoint_by_id_and_by_scene(seed):
     validation = splits["validation"]
     assert sorted(set(validation["qtype"])) == sorted(shapes_vqa.QTYPES)
     assert validation["question"] == load_shapes_vqa("validation", n=140, seed=seed)["question"]
+
+
+def test_a_range_of_rows_is_the_same_rows_and_an_empty_range_is_an_empty_set():
+    whole = load_shapes_vqa("validation", n=6, seed=2)
+    part = load_shapes_vqa("validation", n=3, seed=2, start=2)
+    assert part["id"] == whole["id"][2:5] and part["question"] == whole["question"][2:5]
+    assert len(load_shapes_vqa("test", n=0)) == 0 and load_shapes_vqa("test", n=0).features == whole.features

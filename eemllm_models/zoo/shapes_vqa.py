@@ -256,22 +256,25 @@ def accuracy(qtypes: Sequence[str], predictions: Sequence[str], answers: Sequenc
     return result
 
 
-def load_shapes_vqa(split: str = "test", n: int | None = None, seed: int = 0) -> datasets.Dataset:
+def load_shapes_vqa(split: str = "test", n: int | None = None, seed: int = 0, start: int = 0) -> datasets.Dataset:
     """Generate the shapes-vqa ``split`` ("train", "validation" or "test") as a ``datasets.Dataset``.
 
     Columns: ``image`` (PIL, 160x160 RGB), ``question``, ``answer``, ``qtype``, ``choices``
     (the lettered options of ``mc`` rows, empty otherwise) and ``id`` (``"{split}-{seed}-{i}"``).
     ``n`` rows (default: 70,000 train, 1,400 validation, 1,400 test), question types in rotation;
     the same ``(split, n, seed)`` always returns identical rows, and no two splits share a scene.
-    Choose plans on ``validation`` and report their scores on ``test``.
+    ``start``: the rows ``start .. start + n - 1`` of that sequence (a streaming reader takes one
+    range at a time). Choose plans on ``validation`` and report their scores on ``test``.
     """
     size = DEFAULT_SIZES[split] if n is None and split in DEFAULT_SIZES else n
     scene_rng(split, 0, seed)  # validates the split name before any work
     if size is None or size < 0:
         raise ValueError(f"n must be a non-negative number of rows, got {n!r}")
+    if start < 0:
+        raise ValueError(f"start must be a non-negative row number, got {start}")
 
     def rows():
-        for i in range(size):
+        for i in range(start, start + size):
             scene = make_scene(scene_rng(split, i, seed))
             q = scene.questions[i % len(QTYPES)]
             yield {
@@ -295,4 +298,7 @@ def load_shapes_vqa(split: str = "test", n: int | None = None, seed: int = 0) ->
     )
     info = datasets.DatasetInfo(dataset_name="shapes-vqa", description=f"shapes-vqa {split} split, seed {seed}",
                                 features=features)
-    return datasets.Dataset.from_list(list(rows()), features=features, info=info, split=split)
+    records = list(rows())
+    if not records:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features, info=info, split=split)
+    return datasets.Dataset.from_list(records, features=features, info=info, split=split)
