@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -52,6 +53,21 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: report/index.html, pruned-model/, plan.json, the probes' .nc files, "
           "comparison.csv, latency.csv, demo_answers.csv, demo_summary.json")
     return 0
+
+
+def _print_scores(frame, result: dict) -> None:
+    """Accuracy per question type with n and its interval, then the data set's other metrics (n/a where
+    a metric does not apply)."""
+    from analyses.evaluating.accuracy import accuracy_table
+
+    table = accuracy_table(frame)
+    print(f"accuracy on {len(frame)} questions, {table.level.iloc[0]:.0%} {table.method.iloc[0]} intervals:")
+    for row in table.itertuples(index=False):
+        print(f"{row.qtype:>17}: {row.accuracy:.3f} [{row.low:.3f}, {row.high:.3f}]  (n={row.n})")
+    for name, value in result.items():
+        if name not in set(table.qtype):
+            shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+            print(f"{name:>17}: {shown}")
 
 
 def _print_accuracies(frame, evaluation: dict) -> None:
@@ -374,7 +390,10 @@ def _latency(args: argparse.Namespace) -> int:
                             repeats=args.repeats, batch_size=args.batch_size)
     path = atomic_write(args.out / "latency.csv", lambda tmp: frame.to_csv(tmp, index=False))
     print(frame[["variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "prefill_speedup",
-                 "decode_speedup", "peak_memory_mb"]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+                 "prefill_speedup_low", "prefill_speedup_high", "decode_speedup", "noisy", "peak_memory_mb"]]
+          .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if frame.noisy.any():
+        print("noisy: a speedup's 95% interval includes 1.0; rerun with more --repeats on an idle machine")
     print(f"{frame.device.iloc[0]}, {frame.dtype.iloc[0]}, batch {frame.batch.iloc[0]}, "
           f"{frame.repeats.iloc[0]} repeats; wrote {path}")
     return 0
@@ -462,9 +481,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                          max_new_tokens=args.max_new_tokens, **columns)
     result = scores(frame)
     atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": result}, indent=1) + "\n")
-    for name, value in result.items():
-        print(f"{name:>17}: {value:.3f}")
+    strict = {name: None if isinstance(value, float) and math.isnan(value) else value for name, value in result.items()}
+    atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": strict}, indent=1,
+                                                           allow_nan=False) + "\n")
+    _print_scores(frame, result)
     print(f"wrote {args.out / 'answers.csv'} and {args.out / 'scores.json'}")
     return 0
 
