@@ -73,9 +73,9 @@ def _layer_statistics(probs: torch.Tensor, layout, sink_tokens: int, last: torch
     ``visual_queries`` False (a ``frozen`` layer): the visual tokens form no queries, so the
     statistics of visual queries are NaN and the others average over the text queries only.
     """
-    visual, text, valid = layout.visual, layout.text, layout.valid
-    visual = visual if visual_queries else torch.zeros_like(visual)
-    valid = valid if visual_queries else text
+    visual, text, valid = layout.visual, layout.text, layout.valid  # key sides: every visual token is a key
+    visual_q = visual if visual_queries else torch.zeros_like(visual)  # query sides
+    queries = valid if visual_queries else text
     to_visual = (probs * visual[:, None, None, :]).sum(-1)  # [B, H, T]
     to_text = (probs * text[:, None, None, :]).sum(-1)
     own = probs.diagonal(dim1=-2, dim2=-1)
@@ -85,12 +85,12 @@ def _layer_statistics(probs: torch.Tensor, layout, sink_tokens: int, last: torch
     batch_index = torch.arange(probs.shape[0], device=probs.device)
     return {
         "text_to_visual": _mean_over(to_visual, text),
-        "visual_to_visual": _mean_over(to_visual - own, visual),
-        "visual_to_text": _mean_over(to_text, visual),
+        "visual_to_visual": _mean_over(to_visual - own, visual_q),
+        "visual_to_text": _mean_over(to_text, visual_q),
         "last_to_visual": to_visual[batch_index, :, last],
-        "to_self": _mean_over(own, valid),
-        "to_sink": _mean_over(to_sink, valid),
-        "entropy": torch.stack([_mean_over(entropy, visual), _mean_over(entropy, text)], dim=-1),
+        "to_self": _mean_over(own, queries),
+        "to_sink": _mean_over(to_sink, queries),
+        "entropy": torch.stack([_mean_over(entropy, visual_q), _mean_over(entropy, text)], dim=-1),
     }
 
 

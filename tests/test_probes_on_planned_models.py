@@ -84,13 +84,20 @@ def test_attention_statistics_on_a_planned_model_match_its_attention_maps(modes)
     with torch.no_grad(), EfficiencyPlan(modes).applied(model, "reference"):
         stats = attention_statistics_batch(model, batch, sink_tokens=1)
         maps = model(**batch.inputs, output_attentions=True).attentions
+    text = valid & ~visual
     for layer, mode in enumerate(modes):
+        probs = maps[layer]
+        to_visual_keys = (probs * visual[:, None, None, :]).sum(-1)  # text queries still see visual keys
+        text_to_visual = (to_visual_keys * text[:, None]).sum(-1) / text.sum(-1)[:, None]
+        torch.testing.assert_close(stats["text_to_visual"][:, layer], text_to_visual, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats["last_to_visual"][:, layer], to_visual_keys[:, :, -1], rtol=1e-4, atol=1e-5)
         if mode == "frozen":
             assert torch.isnan(stats["visual_to_visual"][:, layer]).all()
             assert torch.isnan(stats["entropy"][:, layer, :, 0]).all()
-            assert not torch.isnan(stats["text_to_visual"][:, layer]).any()
+            own = probs.diagonal(dim1=-2, dim2=-1)
+            to_self = (own * text[:, None]).sum(-1) / text.sum(-1)[:, None]  # over the queries that exist
+            torch.testing.assert_close(stats["to_self"][:, layer], to_self, rtol=1e-4, atol=1e-5)
             continue
-        probs = maps[layer]
         own = probs.diagonal(dim1=-2, dim2=-1)
         to_visual = (probs * visual[:, None, None, :]).sum(-1) - own
         expected = (to_visual * visual[:, None]).sum(-1) / visual.sum(-1)[:, None]
