@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     for claim in claims.values():
         print(f"claim {claim['claim']!r}: {claim['verdict']}")
     latency = result.latency.set_index("variant")
-    noisy = "; noisy: interval includes 1.0" if latency.noisy["pruned"] else ""
+    noisy = "; noisy: interval includes 1.0 or repeats spread > 10%" if latency.noisy["pruned"] else ""
     print(f"prefill {latency.prefill_ms['original']:.0f} ms -> {latency.prefill_ms['pruned']:.0f} ms "
           f"({latency.prefill_speedup['pruned']:.2f}x, 95% interval {latency.prefill_speedup_low['pruned']:.2f}-"
           f"{latency.prefill_speedup_high['pruned']:.2f}x over {latency.repeats['pruned']} paired runs{noisy})")
@@ -393,7 +393,8 @@ def _latency(args: argparse.Namespace) -> int:
                  "prefill_speedup_low", "prefill_speedup_high", "decode_speedup", "noisy", "peak_memory_mb"]]
           .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if frame.noisy.any():
-        print("noisy: a speedup's 95% interval includes 1.0; rerun with more --repeats on an idle machine")
+        print("noisy: a speedup's 95% interval includes 1.0, or its repeats spread more than 10% of their median; "
+              "rerun with more --repeats on an idle machine")
     print(f"{frame.device.iloc[0]}, {frame.dtype.iloc[0]}, batch {frame.batch.iloc[0]}, "
           f"{frame.repeats.iloc[0]} repeats; wrote {path}")
     return 0

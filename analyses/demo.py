@@ -125,7 +125,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     comparison = compare_policies(model, processor, selection, lc, COMPARED_KS, tokens, seeds=(0, 1, 2),
                                   batch_size=batch_size, evaluation=data)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
-                              {"original": None, "pruned": plan}, warmup=1, repeats=3)
+                              {"original": None, "pruned": plan}, warmup=1, repeats=5)
     summary = {
         "model": "eemllm default (embedded)", "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),

@@ -27,8 +27,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from eemllm_models import EfficiencyPlan, build_prompt
-from eemllm_models.apply import applied_plan
+from eemllm_models import build_prompt
+from eemllm_models.apply import applied_plan, current_plan
 from eemllm_models.generation import encode_prompts
 from eemllm_models.families import family_of
 from eemllm_models.files import atomic_write, atomic_write_text
@@ -147,13 +147,11 @@ def model_attrs(model: PreTrainedModel) -> dict[str, str | int]:
     when none is applied), so a result says which model it measured: the original or a planned one.
     """
     handle = applied_plan(model)
-    n_layers = len(family_of(model).decoder_layers(model))
-    plan = EfficiencyPlan.empty(n_layers) if handle is None else handle.plan
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         "model_class": type(model).__name__,
-        "n_layers": n_layers,
-        "plan": json.dumps(plan.to_dict(), sort_keys=True),
+        "n_layers": len(family_of(model).decoder_layers(model)),
+        "plan": json.dumps(current_plan(model).to_dict(), sort_keys=True),
         "plan_implementation": "none" if handle is None else handle.implementation,
         "dtype": str(model.dtype).removeprefix("torch."),
         "eemllm_version": version("eemllm"),

@@ -49,6 +49,10 @@ SUMMARY_COLUMNS = ("variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per
                    "peak_memory_mb", "prefill_speedup", "decode_speedup", "prefill_speedup_low",
                    "prefill_speedup_high", "decode_speedup_low", "decode_speedup_high", "noisy", "repeats", "batch",
                    "prompt_tokens", "new_tokens", "device", "dtype")
+NOISY_SPREAD = 0.1
+"""A speedup is flagged ``noisy`` when its interval includes 1.0 or when the prefill repeats of its
+variant or of the reference spread (IQR) more than this share of their median: a busy machine can
+give a steady but wrong ratio (0.76x on a loaded machine, 1.37x idle, for the same plan)."""
 RAW_COLUMNS = ("variant", "repeat", "prefill_ms", "decode_ms", "decode_tokens_per_s", "peak_memory_mb")
 _MIB = 2**20
 
@@ -326,7 +330,8 @@ def _summarize(raw: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     decode = raw.pivot(index="repeat", columns="variant", values="decode_tokens_per_s")
     summary["prefill_speedup"] = prefill.rdiv(prefill[order[0]], axis=0).median()
     summary["decode_speedup"] = decode.div(decode[order[0]], axis=0).median()
-    # Paired-ratio intervals (bootstrap of the median per-repeat ratio); "noisy": the prefill interval includes 1.0.
+    # Paired-ratio intervals (bootstrap of the median per-repeat ratio); "noisy": the prefill interval includes 1.0,
+    # or this variant's or the reference's prefill repeats spread (IQR) more than NOISY_SPREAD of their median.
     from probes.uncertainty import interval_attrs, paired_ratio_interval
 
     for name in order:
@@ -334,7 +339,9 @@ def _summarize(raw: pd.DataFrame, order: list[str]) -> pd.DataFrame:
             paired_ratio_interval(prefill[order[0]], prefill[name]))
         _, summary.loc[name, "decode_speedup_low"], summary.loc[name, "decode_speedup_high"] = (
             paired_ratio_interval(decode[name], decode[order[0]]))
-    summary["noisy"] = (summary.prefill_speedup_low <= 1.0) & (summary.prefill_speedup_high >= 1.0)
+    spread = summary.prefill_ms_iqr / summary.prefill_ms
+    summary["noisy"] = ((summary.prefill_speedup_low <= 1.0) & (summary.prefill_speedup_high >= 1.0)
+                        | (spread > NOISY_SPREAD) | (spread[order[0]] > NOISY_SPREAD))
     summary.loc[order[0], "noisy"] = False  # the reference itself: its ratio is 1 by definition
     summary.attrs.update({**interval_attrs(), "interval_method": "bootstrap of the median paired ratio over repeats"})
     return summary.rename_axis("variant").reset_index()

@@ -476,7 +476,8 @@ def _accuracy_card_detail(accuracy: Mapping[str, float], intervals: Mapping[str,
 
 
 def _latency_card(latency: Mapping[str, Any] | None) -> tuple[str, str]:
-    """The prefill card's value and detail: the median speedup, flagged noisy when its interval includes 1.0."""
+    """The prefill card's value and detail: the median speedup, flagged noisy (its interval includes 1.0
+    or its repeats spread too much, :data:`analyses.measuring.latency.NOISY_SPREAD`)."""
     if latency is None:
         return "not measured", ""
     value = f"{latency['prefill_speedup']:.2f}×"
@@ -488,7 +489,7 @@ def _latency_card(latency: Mapping[str, Any] | None) -> tuple[str, str]:
     span = _span(latency["prefill_speedup_low"], latency["prefill_speedup_high"], "{:.2f}×".format)
     interval = f"{latency.get('interval_level', uncertainty.LEVEL):.0%} interval {span}"
     if latency["noisy"]:
-        return f"{value} (noisy)", f"noisy: interval includes 1.0 ({interval}); {detail}"
+        return f"{value} (noisy)", f"noisy: interval includes 1.0 or repeats spread > 10% ({interval}); {detail}"
     return value, f"{interval}; {detail}"
 
 
@@ -674,9 +675,9 @@ def _latency_blocks(latency: pd.DataFrame) -> list[page.Item]:
                              "decode tok/s": "{:.0f}".format})]
     noisy = [str(v) for v, flag in zip(latency.variant, latency.noisy) if pd.notna(flag) and bool(flag)]
     if noisy:
-        blocks.append(page.paragraph(f"Noisy: interval includes 1.0 for {', '.join(noisy)}: the timing spread on this "
-                                     "machine is too large to call it faster or slower; rerun with more --repeats on a "
-                                     "quiet machine."))
+        blocks.append(page.paragraph(f"Noisy (interval includes 1.0 or repeats spread > 10%) for "
+                                     f"{', '.join(noisy)}: the timing spread on this machine is too large to call it "
+                                     "faster or slower; rerun with more --repeats on a quiet machine."))
     return blocks
 
 
