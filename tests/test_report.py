@@ -381,3 +381,11 @@ def test_report_of_a_planned_models_attention_accepts_frozen_layers_without_visu
     assert np.isnan(attention.visual_to_visual.sel(layer=7)).all()
     index = write_report(ReportInputs(lc=lc, plan=plan, attention=attention), tmp_path / "report")
     assert "attention.png" in (index.parent / "report.md").read_text()
+
+
+def test_identical_layer_choices_are_a_tie_that_satisfies_at_least():
+    """LC and cosine answering every question alike is LC ≥ cosine, not "not resolved"."""
+    tied = {"original": 0.95, "shortv": 0.9, "cosine": 0.9, "random": 0.6, "text": 0.3}
+    claims = check_claims(_outcome_comparison(400, tied))
+    assert all(r["lc_minus_cosine"]["low"] == r["lc_minus_cosine"]["high"] == 0 for r in claims["policy_order"]["per_k"])
+    assert claims["policy_order"]["verdict"] == "holds"

@@ -114,10 +114,12 @@ class _Sides:
 
 
 def _side_verdict(intervals: Sequence[dict], threshold: float = 0.0) -> str:
-    """Holds when every interval's low end is above ``threshold``, fails when one's high end is below it."""
+    """Holds when every interval's low end is above ``threshold`` or the interval is exactly the
+    threshold (identical outcomes on every question: a tie, which "≥" allows), fails when one's high
+    end is below it, and is not resolved otherwise."""
     if any(d["high"] < threshold for d in intervals):
         return FAILS
-    if all(d["low"] > threshold for d in intervals):
+    if all(d["low"] > threshold or d["low"] == d["high"] == threshold for d in intervals):
         return HOLDS
     return UNRESOLVED
 
