@@ -478,6 +478,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, processor = _load(args)
     carried = applied_plan(model)
     plan = carried.plan if carried and args.plan is None else _plan_for(model, args.plan)
+    if benchmark is not None:
+        from analyses.choosing.heldout import check_plan_held_out
+        from analyses.evaluating.benchmarks import BENCHMARKS
+
+        check_plan_held_out(plan, benchmark, args.split or BENCHMARKS[benchmark].split, args.allow_overlap,
+                            "pass --allow-overlap")
     frame = answer_frame(model, processor, data, plan=None if carried else plan, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, **columns)
     result = scores(frame)
@@ -738,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", default=None,
                           help="shapes-vqa (built in; the default without --data), mmbench, mme, pope, textvqa, gqa, "
                                "scienceqa-img or seedbench (from --data or the HF cache)")
+    evaluate.add_argument("--allow-overlap", action="store_true",
+                          help="score a plan on the split it was chosen on (warns instead of refusing)")
     evaluate.add_argument("--data", type=Path, default=None,
                           help="with --benchmark: its local copy (the downloaded hub folder or one data file); "
                                "without: your own data set (a datasets save_to_disk folder, a parquet file or a jsonl "

@@ -235,3 +235,18 @@ def test_ctrl_c_without_a_checkpoint_just_says_interrupted(tmp_path):
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1].endswith("eemllm latency: interrupted")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_to_score_a_plan_on_the_split_it_was_chosen_on(tmp_path, capsys):
+    plan = EfficiencyPlan.from_layers(12, [9, 10, 11], "frozen", policy="greedy",
+                                      selection={"dataset": "shapes-vqa", "split": "validation", "n": 70})
+    path = plan.save(tmp_path / "plan.json")
+    out = ["--samples", "2", "--batch-size", "2"]
+    assert main(["evaluate", "--plan", str(path), "--split", "validation", *out, "--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert "chosen on 70 questions of shapes-vqa validation" in error and "--allow-overlap" in error
+    assert not (tmp_path / "a" / "scores.json").exists()
+    with pytest.warns(UserWarning, match="chosen on 70 questions"):
+        assert main(["evaluate", "--plan", str(path), "--split", "validation", "--allow-overlap", *out,
+                     "--out", str(tmp_path / "b")]) == 0
+    assert main(["evaluate", "--plan", str(path), *out, "--out", str(tmp_path / "c")]) == 0  # test: held out

@@ -17,6 +17,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from eemllm_models import EfficiencyPlan
+
 SELECTION_SPLIT = "validation"
 """The shapes-vqa split on which plans are chosen (tolerance-k, greedy, policy comparison)."""
 EVALUATION_SPLIT = "test"
@@ -107,3 +109,23 @@ def check_disjoint(selection: datasets.Dataset, evaluation: datasets.Dataset, al
     warnings.warn(message, UserWarning, stacklevel=2)
     return len(common)
 
+
+
+def check_plan_held_out(plan: EfficiencyPlan, dataset: str, split: str, allow_overlap: bool = False,
+                        fix: str = "pass allow_overlap=True") -> None:
+    """Refuse to score ``plan`` on the ``split`` of ``dataset`` when its provenance says it was chosen
+    there (``selection``, as :func:`describe` records it): its score would overstate its accuracy.
+
+    This is the check across commands (``eemllm plan`` chooses, ``eemllm evaluate`` scores later):
+    the plan carries its selection set, so the evaluation can see it. Raises :class:`HeldOutOverlap`;
+    with ``allow_overlap`` it only warns.
+    """
+    selection = plan.provenance.get("selection")
+    if not isinstance(selection, dict) or (selection.get("dataset"), selection.get("split")) != (dataset, split):
+        return
+    message = (f"the plan was chosen on {selection.get('n', '?')} questions of {dataset} {split} (its provenance "
+               f"says so), and would now be scored on the same split: choose on one split and score on another "
+               f"(for shapes-vqa: choose on validation, score on test), or {fix} to only warn")
+    if not allow_overlap:
+        raise HeldOutOverlap(message)
+    warnings.warn(message, UserWarning, stacklevel=2)
