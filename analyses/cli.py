@@ -381,9 +381,19 @@ def _latency(args: argparse.Namespace) -> int:
     from analyses.evaluating.benchmarks import shapes_vqa_ranges
     from analyses.measuring.latency import measure_latency
 
-    EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the model loads
+    from eemllm_models.apply import applied_plan
+
+    if args.plan is not None:
+        EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the model loads
     model, processor = _load(args)
+    carried = applied_plan(model)
+    if carried is None and args.plan is None:
+        raise ValueError("eemllm latency compares the original with a plan: pass --plan (a preset or a plan JSON "
+                         "file), or --model a folder written by eemllm prune")
     plan = _plan_for(model, args.plan)
+    if carried is not None:  # a pruned model: its own plan against the same weights without it
+        plan = carried.plan
+        carried.remove()
     rows = shapes_vqa_ranges(args.split, n=args.samples, seed=args.seed)  # generated one batch at a time
     frame = measure_latency(model, processor, rows.column("image"), rows.column("question"),
                             {"original": None, "planned": plan}, new_tokens=args.new_tokens, warmup=args.warmup,
@@ -726,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     latency = commands.add_parser("latency", parents=[loading],
                                   help="measure prefill time and decode tokens/s of the original and the planned model")
-    latency.add_argument("--plan", required=True, help="a preset or a plan JSON file")
+    latency.add_argument("--plan", default=None,
+                         help="a preset or a plan JSON file (not with a pruned --model, which brings its own)")
     _int_option(latency, "--samples", 1, default=8,
             help="shapes-vqa prompts each run prefills and decodes, generated one batch at a time (default 8)")
     _int_option(latency, "--batch-size", 1, default=8, help="prompts per forward (default 8)")

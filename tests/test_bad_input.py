@@ -250,3 +250,12 @@ def test_evaluate_refuses_to_score_a_plan_on_the_split_it_was_chosen_on(tmp_path
         assert main(["evaluate", "--plan", str(path), "--split", "validation", "--allow-overlap", *out,
                      "--out", str(tmp_path / "b")]) == 0
     assert main(["evaluate", "--plan", str(path), *out, "--out", str(tmp_path / "c")]) == 0  # test: held out
+
+
+def test_latency_of_a_pruned_model_compares_its_plan_with_the_same_weights(tmp_path, capsys):
+    assert main(["prune", "--plan", str(_plan(tmp_path)), "--out", str(tmp_path / "p")]) == 0
+    args = ["--samples", "2", "--new-tokens", "2", "--warmup", "0", "--repeats", "1"]
+    assert main(["latency", "--model", str(tmp_path / "p"), *args, "--out", str(tmp_path / "l")]) == 0
+    assert "planned" in (tmp_path / "l" / "latency.csv").read_text()
+    assert main(["latency", *args, "--out", str(tmp_path / "m")]) == 2
+    assert "pass --plan" in capsys.readouterr().err
