@@ -288,6 +288,12 @@ def with_intervals(result: xr.Dataset, variable: str, level: float = LEVEL, resa
     if "sample" not in values.dims or "layer" not in values.dims:
         raise ValueError(f"{variable!r} has dims {values.dims}; intervals need 'sample' and 'layer' dims")
     values = values.transpose("sample", "layer", ...)
+    missing = values.isnull().any([d for d in values.dims if d != "sample"])
+    if bool(missing.any()):
+        samples = [str(s) for s in values.sample.values[missing.values]][:5]
+        raise ValueError(f"{variable!r} is NaN for {int(missing.sum())} samples (e.g. {samples}): a sample with "
+                         "nothing to measure, such as an empty answer with positions='answer'; drop those rows "
+                         "from the data set")
     dims = values.dims[1:]
     low, high = bootstrap_interval(values.values, level, resamples, seed)
     attrs = {**values.attrs, **interval_attrs(level, resamples, seed)}

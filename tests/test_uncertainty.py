@@ -158,3 +158,14 @@ def test_with_intervals_names_what_it_needs():
     values = xr.Dataset({"x": (("layer", "sample"), np.ones((3, 5)))})
     added = with_intervals(values, "x", level=0.9, resamples=50, seed=2)
     assert added.x_low.dims == ("layer",) and (added.x_low == 1).all() and added.x_low.attrs["interval_seed"] == 2
+
+
+
+def test_intervals_name_the_samples_whose_measure_is_missing():
+    from probes.uncertainty import with_intervals
+
+    values = np.ones((3, 2))
+    values[1, 0] = np.nan
+    result = xr.Dataset({"lc": (("sample", "layer"), values)}, coords={"sample": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match=r"NaN for 1 samples \(e.g. \['b'\]\).*drop those rows"):
+        with_intervals(result, "lc")
