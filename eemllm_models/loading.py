@@ -135,6 +135,13 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     return bool(answered and answered[0])
 
 
+def hub_unreachable(source: str | os.PathLike) -> bool:
+    """True when ``source`` is a hub id (no local path), ``HF_HUB_OFFLINE`` is unset and the hub does
+    not answer within :data:`HUB_TIMEOUT_S`: then load it with ``local_files_only=True`` (the cache)
+    instead of waiting through minutes of retries."""
+    return not Path(source).expanduser().exists() and not _hub_offline() and not hub_reachable()
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
@@ -176,7 +183,7 @@ def from_pretrained(
 
     hub = not Path(source).expanduser().exists()
     offline = _hub_offline()
-    unreachable = hub and not offline and not hub_reachable()
+    unreachable = hub_unreachable(source)
     endpoint = huggingface_hub.constants.ENDPOINT
     if unreachable:
         logger.warning("%s did not answer within %.0f s; loading %s from the local HF cache only",

@@ -259,3 +259,12 @@ def test_latency_of_a_pruned_model_compares_its_plan_with_the_same_weights(tmp_p
     assert "planned" in (tmp_path / "l" / "latency.csv").read_text()
     assert main(["latency", *args, "--out", str(tmp_path / "m")]) == 2
     assert "pass --plan" in capsys.readouterr().err
+
+
+def test_flops_with_an_uncached_hub_id_fails_in_seconds_when_the_hub_does_not_answer(tmp_path):
+    env = {**_online(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "analyses.cli", "flops", "--model", "eemllm-test/not-cached"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "no model config 'eemllm-test/not-cached'" in done.stderr
+    assert time.perf_counter() - start < 40

@@ -612,8 +612,11 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     shipped = MODEL_CONFIGS / f"{name_or_path}.json"
     if shipped.is_file():
         return AutoConfig.from_pretrained(shipped)
+    from eemllm_models.loading import hub_unreachable
+
+    cache_only = {"local_files_only": True} if hub_unreachable(name_or_path) else {}  # fail in seconds offline
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, **cache_only)
     except OSError as err:
         known = ", ".join(sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")))
         raise ValueError(f"no model config {name_or_path!r}: not one of the shipped ones ({known}), "
