@@ -21,9 +21,11 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel
 
+from .anatomy import recognise_style
 from .families import family_of
 from .layout import TokenLayout
-from .modes import NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, open_call, reference_forward
+from .modes import (NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, open_call,
+                    reference_forward)
 from .plan import EfficiencyPlan
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,9 @@ class AppliedPlan:
         family = family_of(self.model)
         layers = family.decoder_layers(self.model)
         plan.check_layers(len(layers), type(self.model).__name__)
+        for layer, mode in zip(layers, plan.modes):
+            if mode != "full":
+                recognise_style(layer)  # a layer no style describes is refused before anything changes
         self.plan, self.implementation = plan, implementation
         token_ids = family.visual_token_ids(self.model.config)
         state, kernel = self._state, self.naavit_kernel

@@ -46,12 +46,25 @@ FAMILIES = (
     Family("llava_onevision", ("llava_onevision",), "LLaVA-OneVision: images and videos, Qwen2 decoder."),
     Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "Qwen2-VL / Qwen2.5-VL: GQA, M-RoPE position ids "
                                                    "(recomposed into ordinary cos/sin by the rotary module)."),
+    Family("qwen3_vl", ("qwen3_vl",), "Qwen3-VL: the qwen3 decoder style (per-head q/k norms), interleaved "
+                                      "M-RoPE, images and videos; its deepstack visual features are added to "
+                                      "the visual hidden states after the first layers, outside the layers, so a "
+                                      "frozen layer there still gets them (the probes replay that addition)."),
 )
+REFUSED = {
+    "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "
+                    "yet (only the dense qwen3_vl is)",
+    "gemma3": "Gemma 3's decoder (sandwich norms, query_pre_attn_scalar, sliding windows, bidirectional image "
+              "attention) has no eemllm layer style yet",
+}
+"""Model types refused with the reason, rather than run with a recipe that does not fit them."""
 
 
 def family_of(model: PreTrainedModel) -> Family:
     """The adapter for ``model``'s family, or a clear error naming the supported ones."""
     model_type = getattr(model.config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(f"eemllm does not support {model_type!r} ({type(model).__name__}) yet: {REFUSED[model_type]}")
     for family in FAMILIES:
         if model_type in family.model_types:
             return family

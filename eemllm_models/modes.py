@@ -1,8 +1,9 @@
 """Decoder-layer forwards that run one mode for visual tokens: fast paths and their references.
 
-Every function here takes the decoder layer (a Llama-style layer: ``input_layernorm``,
-``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp``) and the arguments the
-model passes to it, plus the batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes:
+Every function here takes the decoder layer (any style of :mod:`eemllm_models.anatomy`: its
+queries, keys and values are formed by the layer's style; ``input_layernorm``, ``self_attn.o_proj``,
+``post_attention_layernorm`` and ``mlp`` are what every style has) and the arguments the model
+passes to it, plus the batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes:
 ``hidden_states`` ``[batch, seq, hidden]``; ``attention_mask`` is whatever the model built for
 its attention implementation: ``None`` (plain causal), a bool ``[batch|1, 1, seq, keys]``
 (``sdpa``: True = attend) or an additive float mask of that shape (``eager``).
@@ -40,6 +41,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from .anatomy import style_of
 from .layout import TokenLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -216,11 +218,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotary embedding of ``x`` ``[batch, heads, n, head_dim]`` at ``cos``/``sin`` ``[batch, n, head_dim]``."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)
-
-
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[batch, n, heads * head_dim]`` -> ``[batch, heads, n, head_dim]``."""
-    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -466,8 +463,9 @@ def _keys_values(layer, normed: torch.Tensor, rotary: Rotary, kv_cache) -> _Keys
     """Keys (rotated) and values of every row of ``normed`` ``[batch, seq, hidden]``, into the KV cache."""
     attn = layer.self_attn
     batch, seq, _ = normed.shape
-    new_key = rotary.apply(attn.k_proj(normed).view(batch, seq, -1, attn.head_dim))
-    new_value = attn.v_proj(normed).view(batch, seq, -1, attn.head_dim)
+    style = style_of(layer)
+    new_key = rotary.apply(style.keys(attn, normed))
+    new_value = style.values(attn, normed)
     key, value = new_key.transpose(1, 2), new_value.transpose(1, 2)
     if kv_cache is not None:
         key, value = kv_cache.update(key, value, attn.layer_idx)
@@ -481,7 +479,7 @@ def _other_attention(layer, cache: CallCache, normed: torch.Tensor, kv: _KeysVal
     attn = layer.self_attn
     batch, seq, _ = normed.shape
     other = cache.split.other_rows
-    query = rotary.apply(attn.q_proj(other.take(normed)).view(batch, other.n, -1, attn.head_dim)).transpose(1, 2)
+    query = rotary.apply(style_of(layer).queries(attn, other.take(normed))).transpose(1, 2)
     keys = kv.key.shape[2]
     mask = cache.other_mask(attention_mask, seq, keys, query.dtype)
     out, _ = _attention_function(attn)(attn, query, kv.key, kv.value, mask, dropout=0.0, scaling=attn.scaling)
@@ -596,7 +594,7 @@ def _naavit_visual_attention(layer, cache: CallCache, normed, kv: _KeysValues, a
     batch, seq, _ = normed.shape
     keys, head_dim, groups = kv.key.shape[2], attn.head_dim, attn.num_key_value_groups
     visual = cache.split.visual_rows
-    q = rotary.apply(attn.q_proj(visual.take(normed)).view(batch, visual.n, -1, head_dim)).transpose(1, 2)
+    q = rotary.apply(style_of(layer).queries(attn, visual.take(normed))).transpose(1, 2)
     key_index, sel_mask = _naavit_selection(cache, attention_mask, seq, keys)
     expand = key_index[:, None, :, None].expand(-1, kv.key.shape[1], -1, head_dim)
     k_sel = repeat_kv(kv.key.gather(2, expand), groups)  # [B, H, P+N, d]
@@ -616,7 +614,7 @@ def _naavit_flex(layer, cache: CallCache, normed, kv: _KeysValues, attention_mas
     ``[batch, seq, heads * head_dim]``."""
     attn = layer.self_attn
     batch, seq, _ = normed.shape
-    query = rotary.apply(attn.q_proj(normed).view(batch, seq, -1, attn.head_dim)).transpose(1, 2)
+    query = rotary.apply(style_of(layer).queries(attn, normed)).transpose(1, 2)
     keys = kv.key.shape[2]
     block_mask = cache.derived(("block_mask", keys), (attention_mask,), lambda: cache.block_masks.get(
         cache.layout, cache.allowed(attention_mask, seq, keys)))

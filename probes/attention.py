@@ -22,7 +22,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from eemllm_models import TokenLayout, token_layout
 from eemllm_models.apply import current_plan
 from eemllm_models.families import family_of
-from eemllm_models.modes import allowed_keys, mode_mask, rotate, split_heads
+from eemllm_models.anatomy import style_of
+from eemllm_models.modes import allowed_keys, mode_mask, rotate
 
 from .runner import ProbeInputs, PromptedBatch, run_probe
 
@@ -50,8 +51,9 @@ def attention_probabilities(layer: torch.nn.Module, hidden: torch.Tensor, kwargs
     batch, seq, _ = hidden.shape
     cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
     normed = layer.input_layernorm(hidden)
-    query = rotate(split_heads(attn.q_proj(normed), attn.head_dim), cos, sin)
-    key = repeat_kv(rotate(split_heads(attn.k_proj(normed), attn.head_dim), cos, sin), attn.num_key_value_groups)
+    style = style_of(layer)
+    query = rotate(style.queries(attn, normed).transpose(1, 2), cos, sin)
+    key = repeat_kv(rotate(style.keys(attn, normed).transpose(1, 2), cos, sin), attn.num_key_value_groups)
     allowed = allowed_keys(kwargs.get("attention_mask"), batch, seq, seq, hidden.device)
     if mode in ("naavit", "composite"):
         allowed = mode_mask(mode, layout, allowed)

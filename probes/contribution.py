@@ -9,7 +9,8 @@ other rows equal the original layer's (keys and values are computed from the sam
 
 **Sweep** (the default): one forward pass keeps every decoder layer's input, output and call
 arguments; the intervened output of layer ``l`` is built from them (a row mix for a group, the
-mode's fast path for a mode) and only layers ``l+1 ..`` run again. The vision tower, projector
+mode's fast path for a mode) and only layers ``l+1 ..`` run again. What a model adds between two
+layers, outside them (Qwen3-VL's deepstack visual features), is replayed as the pass recorded it. The vision tower, projector
 and layers before ``l`` are never recomputed: ``L + K * L(L-1)/2`` decoder-layer passes for ``K``
 interventions instead of the naive ``K * (L + 1) * L``.
 
@@ -60,6 +61,13 @@ class Trace:
     outputs: list[torch.Tensor]
     kwargs: list[dict]
     layout: TokenLayout
+
+    def between(self, layer: int) -> torch.Tensor | None:
+        """What the model added to layer ``layer``'s output before layer ``layer + 1`` got it (Qwen3-VL's
+        deepstack visual features, added outside the layers), ``[batch, seq, hidden]``; None when the
+        next layer got the output itself, as in most models."""
+        after, before = self.inputs[layer + 1], self.outputs[layer]
+        return None if after is before else after - before
 
 
 def trace(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Trace:
@@ -141,6 +149,8 @@ def sweep_contributions(model: PreTrainedModel, batch: PromptedBatch, interventi
                     continue
                 hidden = _intervened_output(model, kept, split, layer, what)
                 for later in range(layer + 1, len(layers)):
+                    added = kept.between(later - 1)
+                    hidden = hidden if added is None else hidden + added
                     hidden = layers[later](hidden, **kept.kwargs[later])
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
                 changed = divergence(original, _log_probs(model, hidden, batch.positions), divergence_name)

@@ -61,8 +61,9 @@ def test_layer_contribution_is_shortvs_kl_written_plainly():
                                rtol=1e-4, atol=1e-7)
 
 
-def test_attention_statistics_match_the_models_own_attention_maps():
-    model, batch = _tiny("llava", attn="eager")
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])  # the llama and qwen3 (q/k norms) decoder styles
+def test_attention_statistics_match_the_models_own_attention_maps(family):
+    model, batch = _tiny(family, attn="eager")
     with torch.no_grad():
         stats = attention_statistics_batch(model, batch, sink_tokens=1)
         maps = model(**batch.inputs, output_attentions=True).attentions  # L x [B, H, T, T]

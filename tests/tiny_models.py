@@ -23,6 +23,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 PAD, BOS, EOS = 0, 1, 2
@@ -89,6 +91,20 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", version: str = "2") -> PreT
                                                                         **ids)), attn)
 
 
+def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """Qwen3-VL: the qwen3 decoder style (q/k norms), interleaved M-RoPE, deepstack features after layers 0, 1."""
+    torch.manual_seed(seed)
+    text = {**TEXT, "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                           video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                           vision_end_token_id=VISION_END)
+    return _finish(Qwen3VLForConditionalGeneration(config), attn)
+
+
 def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
     """Token ids with ``counts[b][i]`` image tokens for image ``i`` of row ``b``, and the padding mask."""
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +112,8 @@ def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[l
     for b, row_counts in enumerate(counts):
         ids = [BOS]
         for n in row_counts:
-            ids += torch.randint(FIRST_WORD, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            ids += torch.randint(FIRST_WORD, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),),
+                                 generator=g).tolist()
             ids += markers[0] + [IMAGE_TOKEN] * n + markers[1]
         ids += torch.randint(FIRST_WORD, VOCAB, (3 + 2 * b,), generator=g).tolist()
         rows.append(ids)
@@ -143,4 +160,5 @@ FAMILIES = {
     "llava_onevision": (tiny_llava_onevision, anyres_batch),
     "qwen2_vl": (tiny_qwen2_vl, qwen_batch),
     "qwen2_5_vl": (lambda seed=0, attn="sdpa": tiny_qwen2_vl(seed, attn, version="2.5"), qwen_batch),
+    "qwen3_vl": (tiny_qwen3_vl, qwen_batch),
 }

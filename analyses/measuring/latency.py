@@ -89,10 +89,10 @@ def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_toke
     kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
     mask = kwargs.get("attention_mask")
     if "position_ids" not in kwargs and "position_ids" in inspect.signature(model.forward).parameters:
-        if mask is not None:  # what generate() does (_prepare_position_ids_for_generation)
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        else:
-            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        # what generate() does: the model's own rule (text positions from the padding mask; M-RoPE's 3D
+        # positions for the Qwen-VL families)
+        kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids,
+                                                                            {**kwargs, "input_ids": input_ids})
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # < 5.24
     kwargs.update({cache_name: DynamicCache(config=model.config.get_text_config(decoder=True))},
                   use_cache=True, logits_to_keep=1)
