@@ -90,9 +90,14 @@ def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_toke
     mask = kwargs.get("attention_mask")
     if "position_ids" not in kwargs and "position_ids" in inspect.signature(model.forward).parameters:
         # what generate() does: the model's own rule (text positions from the padding mask; M-RoPE's 3D
-        # positions for the Qwen-VL families)
-        kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids,
-                                                                            {**kwargs, "input_ids": input_ids})
+        # positions for the Qwen-VL families); transformers releases without that hook: the text rule
+        rule = getattr(model, "_prepare_position_ids_for_generation", None)
+        if rule is not None:
+            kwargs["position_ids"] = rule(input_ids, {**kwargs, "input_ids": input_ids})
+        elif mask is not None:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # < 5.24
     kwargs.update({cache_name: DynamicCache(config=model.config.get_text_config(decoder=True))},
                   use_cache=True, logits_to_keep=1)
