@@ -454,13 +454,12 @@ def _plan_for(model, plan: str | None):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
 
     import numpy as np
 
     from eemllm_models import EfficiencyPlan
     from eemllm_models.apply import applied_plan
-    from eemllm_models.files import atomic_write, atomic_write_text
+    from eemllm_models.files import atomic_write, atomic_write_json
 
     from analyses.evaluating.benchmarks import RowRanges, benchmark_ranges
     from analyses.evaluating.evaluate import answer_frame, scores
@@ -498,9 +497,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          max_new_tokens=args.max_new_tokens, **columns)
     result = scores(frame)
     atomic_write(args.out / "answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    strict = {name: None if isinstance(value, float) and math.isnan(value) else value for name, value in result.items()}
-    atomic_write_text(args.out / "scores.json", json.dumps({"plan": plan.to_dict(), "scores": strict}, indent=1,
-                                                           allow_nan=False) + "\n")
+    atomic_write_json(args.out / "scores.json", {"plan": plan.to_dict(), "scores": result})
     _print_scores(frame, result)
     print(f"wrote {args.out / 'answers.csv'} and {args.out / 'scores.json'}")
     return 0

@@ -15,8 +15,6 @@ the same ratio.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import xarray as xr
 
 import probes
 from eemllm_models import EfficiencyPlan, load_default, load_shapes_vqa, save_pruned
-from eemllm_models.files import atomic_write, atomic_write_text
+from eemllm_models.files import atomic_write, atomic_write_json
 from eemllm_models.zoo import shapes_vqa
 
 from analyses.choosing.compare import compare_policies
@@ -58,15 +56,6 @@ class DemoResult:
     latency: pd.DataFrame
     report: Path
     evaluation: dict
-
-
-def _strict_json(value):
-    """``value`` with NaN (a metric that does not apply) as ``null``, so the summary is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict_json(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
@@ -137,7 +126,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
         "tokens": {**tokens.to_dict(), "source": describe_rows(data)},
     }
     atomic_write(out / "demo_answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    atomic_write_text(out / "demo_summary.json", json.dumps(_strict_json(summary), indent=1) + "\n")
+    atomic_write_json(out / "demo_summary.json", summary)
     for name, result in (("lc", lc), ("attention", attention), ("mode_contribution", modes)):
         probes.save_result(result, out / f"{name}.nc")
     plan.save(out / "plan.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +33,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def strict_json(value):
+    """``value`` (dicts, lists, numbers) with every NaN, a metric that does not apply, as ``None``."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def atomic_write_json(path: str | os.PathLike, value) -> Path:
+    """Write ``value`` as strict JSON (NaN as ``null``, which every JSON reader accepts) atomically."""
+    return atomic_write_text(path, json.dumps(strict_json(value), indent=1, allow_nan=False) + "\n")
 
 
 MARKER = ".eemllm"

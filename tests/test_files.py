@@ -68,3 +68,14 @@ def test_overwrite_replaces_a_folder_eemllm_wrote(tmp_path):
     assert written_by_eemllm(target)
     atomic_write_dir(target, _write({"b.txt": "2"}))
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "b.txt"]
+
+
+def test_json_is_written_strict_with_nan_as_null(tmp_path):
+    import json
+    import math
+
+    from eemllm_models.files import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "s.json", {"f1": math.nan, "rows": [1.0, math.nan], "n": 3})
+    assert json.loads(path.read_text()) == {"f1": None, "rows": [1.0, None], "n": 3}
+    assert "NaN" not in path.read_text()
