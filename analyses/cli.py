@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -59,6 +58,7 @@ def _print_scores(frame, result: dict) -> None:
     """Accuracy per question type with n and its interval, then the data set's other metrics (n/a where
     a metric does not apply)."""
     from analyses.evaluating.accuracy import accuracy_table
+    from analyses.reporting.page import format_value
 
     table = accuracy_table(frame)
     print(f"accuracy on {len(frame)} questions, {table.level.iloc[0]:.0%} {table.method.iloc[0]} intervals:")
@@ -66,8 +66,7 @@ def _print_scores(frame, result: dict) -> None:
         print(f"{row.qtype:>17}: {row.accuracy:.3f} [{row.low:.3f}, {row.high:.3f}]  (n={row.n})")
     for name, value in result.items():
         if name not in set(table.qtype):
-            shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-            print(f"{name:>17}: {shown}")
+            print(f"{name:>17}: {format_value(value, '{:.3f}'.format)}")
 
 
 def _print_accuracies(frame, evaluation: dict) -> None:

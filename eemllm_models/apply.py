@@ -194,7 +194,6 @@ def apply_plan(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if applied_plan(model) is not None:
         raise ValueError("a plan is already applied to this model; remove it first (handle.remove())")
-    family_of(model).decoder_layers(model)  # refuses an unsupported model before anything changes
     handle = AppliedPlan(model, plan, implementation, choose_naavit_kernel(model, naavit_kernel))
     handle._install(plan, implementation)
     model._eemllm_applied = handle

@@ -10,9 +10,9 @@ other rows equal the original layer's (keys and values are computed from the sam
 **Sweep** (the default): one forward pass keeps every decoder layer's input, output and call
 arguments; the intervened output of layer ``l`` is built from them (a row mix for a group, the
 mode's fast path for a mode) and only layers ``l+1 ..`` run again. What a model adds between two
-layers, outside them (Qwen3-VL's deepstack visual features), is replayed as the pass recorded it. The vision tower, projector
-and layers before ``l`` are never recomputed: ``L + K * L(L-1)/2`` decoder-layer passes for ``K``
-interventions instead of the naive ``K * (L + 1) * L``.
+layers, outside them (Qwen3-VL's deepstack visual features), is replayed as the pass recorded it.
+The vision tower, projector and layers before ``l`` are never recomputed: ``L + K * L(L-1)/2``
+decoder-layer passes for ``K`` interventions instead of the naive ``K * (L + 1) * L``.
 
 **On a planned model** (a plan applied, e.g. by ``load_pruned``) every contribution measures
 that model: the baseline is the planned model's output, the layers after ``l`` run their
@@ -141,6 +141,7 @@ def sweep_contributions(model: PreTrainedModel, batch: PromptedBatch, interventi
     kept = trace(model, batch.inputs) if kept is None else kept
     split = RowSplit.from_layout(kept.layout)
     original = _log_probs(model, kept.outputs[-1], batch.positions)
+    added = [kept.between(layer) for layer in range(len(layers) - 1)]  # once per batch, not per rerun
     out = torch.zeros(len(batch.rows), len(layers), len(interventions))
     with nullcontext() if handle is None else handle.layer_calls(kept.layout):
         for layer in range(len(layers)):
@@ -149,8 +150,8 @@ def sweep_contributions(model: PreTrainedModel, batch: PromptedBatch, interventi
                     continue
                 hidden = _intervened_output(model, kept, split, layer, what)
                 for later in range(layer + 1, len(layers)):
-                    added = kept.between(later - 1)
-                    hidden = hidden if added is None else hidden + added
+                    if added[later - 1] is not None:
+                        hidden = hidden + added[later - 1]
                     hidden = layers[later](hidden, **kept.kwargs[later])
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
                 changed = divergence(original, _log_probs(model, hidden, batch.positions), divergence_name)

@@ -99,16 +99,19 @@ def check_disjoint(selection: datasets.Dataset, evaluation: datasets.Dataset, al
     if not common:
         return 0
     example = f" (e.g. {common[0]!r})" if by == "id" else ""
-    message = (f"the selection set ({split_name(selection)}, {len(selection)} rows) and the evaluation set "
-               f"({split_name(evaluation)}, {len(evaluation)} rows) share {len(common)} rows by {by}{example}: a "
-               "plan chosen on the questions it is scored on overstates its accuracy. Choose on rows the score "
-               "never sees (for shapes-vqa: the validation split to choose, the test split to score; for your "
-               f"own data: split it, e.g. Dataset.train_test_split), or {fix} to only warn")
-    if not allow_overlap:
-        raise HeldOutOverlap(message)
-    warnings.warn(message, UserWarning, stacklevel=2)
+    _refuse(f"the selection set ({split_name(selection)}, {len(selection)} rows) and the evaluation set "
+            f"({split_name(evaluation)}, {len(evaluation)} rows) share {len(common)} rows by {by}{example}: a "
+            "plan chosen on the questions it is scored on overstates its accuracy. Choose on rows the score "
+            "never sees (for shapes-vqa: the validation split to choose, the test split to score; for your "
+            f"own data: split it, e.g. Dataset.train_test_split), or {fix} to only warn", allow_overlap)
     return len(common)
 
+
+def _refuse(message: str, allow_overlap: bool) -> None:
+    """Raise :class:`HeldOutOverlap` with ``message``, or only warn with it when ``allow_overlap``."""
+    if not allow_overlap:
+        raise HeldOutOverlap(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def check_plan_held_out(plan: EfficiencyPlan, dataset: str, split: str, allow_overlap: bool = False,
@@ -123,9 +126,6 @@ def check_plan_held_out(plan: EfficiencyPlan, dataset: str, split: str, allow_ov
     selection = plan.provenance.get("selection")
     if not isinstance(selection, dict) or (selection.get("dataset"), selection.get("split")) != (dataset, split):
         return
-    message = (f"the plan was chosen on {selection.get('n', '?')} questions of {dataset} {split} (its provenance "
-               f"says so), and would now be scored on the same split: choose on one split and score on another "
-               f"(for shapes-vqa: choose on validation, score on test), or {fix} to only warn")
-    if not allow_overlap:
-        raise HeldOutOverlap(message)
-    warnings.warn(message, UserWarning, stacklevel=2)
+    _refuse(f"the plan was chosen on {selection.get('n', '?')} questions of {dataset} {split} (its provenance "
+            f"says so), and would now be scored on the same split: choose on one split and score on another "
+            f"(for shapes-vqa: choose on validation, score on test), or {fix} to only warn", allow_overlap)
