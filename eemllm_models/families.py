@@ -12,31 +12,48 @@ from .layout import visual_token_ids
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between multimodal families; everything else in eemllm is family-agnostic."""
+    """What differs between multimodal families; everything else in eemllm is family-agnostic.
+
+    ``language_model``: the attribute of ``model.model`` that holds the language model (its
+    ``layers`` and final ``norm``): ``language_model`` for most families, ``text_model`` for
+    Idefics3 and SmolVLM.
+    """
 
     name: str
     model_types: tuple[str, ...]
     notes: str
+    language_model: str = "language_model"
+
+    def language_model_of(self, model: PreTrainedModel) -> torch.nn.Module:
+        """The language model inside ``model`` (``model.model.<language_model>``)."""
+        inner = getattr(model, "model", None)
+        language_model = getattr(inner, self.language_model, None)
+        if not isinstance(language_model, torch.nn.Module):
+            raise ValueError(f"could not find the language model of {type(model).__name__} "
+                             f"(expected model.model.{self.language_model})")
+        return language_model
 
     def decoder_layers(self, model: PreTrainedModel) -> torch.nn.ModuleList:
-        """The language model's decoder layers (``model.model.language_model.layers`` in transformers 5)."""
-        language_model = getattr(model.model, "language_model", None) if hasattr(model, "model") else None
-        layers = getattr(language_model, "layers", None)
+        """The language model's decoder layers (``model.model.<language_model>.layers`` in transformers 5)."""
+        layers = getattr(self.language_model_of(model), "layers", None)
         if not isinstance(layers, torch.nn.ModuleList):
             raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
-                             "(expected model.model.language_model.layers)")
+                             f"(expected model.model.{self.language_model}.layers)")
         return layers
 
     def visual_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
         return visual_token_ids(config)
 
     def readout(self, model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[..., vocab]`` from last-layer hidden states ``[..., hidden]`` (final norm, lm_head)."""
-        norm = getattr(model.model.language_model, "norm", None)
+        """Next-token logits ``[..., vocab]`` from last-layer hidden states ``[..., hidden]``: the final
+        norm, lm_head and, where the config sets ``final_logit_softcapping`` (Gemma), its soft cap."""
+        norm = getattr(self.language_model_of(model), "norm", None)
         if norm is None:
             raise ValueError(f"could not find the final norm of {type(model).__name__} "
-                             "(expected model.model.language_model.norm)")
-        return model.get_output_embeddings()(norm(hidden))
+                             f"(expected model.model.{self.language_model}.norm)")
+        logits = model.get_output_embeddings()(norm(hidden))
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 FAMILIES = (
