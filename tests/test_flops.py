@@ -1,7 +1,16 @@
 import pytest
 import torch
-from tiny_models import CLIP, IMAGE_TOKEN, TEXT, llava_batch, tiny_llava
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from tiny_models import CLIP, FAMILIES, IMAGE_TOKEN, TEXT, llava_batch, tiny_llava
+from transformers import (
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
+)
 
 from analyses.cli import main
 from analyses.measuring.flops import (
@@ -9,8 +18,10 @@ from analyses.measuring.flops import (
     MATMUL_COMPONENTS,
     DecoderShape,
     TokenCounts,
+    countable_parts,
     counted_flops,
     cross_check,
+    decoder_style,
     flop_counter,
     full_flops,
     layer_flops,
@@ -77,6 +88,86 @@ def test_full_count_matches_flop_counter_in_every_mode(plan, attn):
     _assert_within_1_percent(check)
     assert set(check.part) == {"vision_tower", "projector", "decoder", "lm_head"}
     assert {"q_proj", "kv_proj", "o_proj", "attention", "mlp"} <= set(check.component)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_count_matches_flop_counter_in_every_family(family):
+    # Real generate() calls of each family's tiny model on one prompt with two images: the original model
+    # (the prefill and one decoded token: sliding-window caches show there) and a plan with every mode,
+    # frozen twice in a row (a frozen run). The counts agree exactly per layer and component, so each
+    # layer's mode is checked on its own. Towers full_flops does not count are left out.
+    build, make_batch = FAMILIES[family]
+    model = build()
+    batch = {k: v for k, v in make_batch(model, 1, images=2).items() if k != "attention_mask"}
+    parts = countable_parts(model.config)
+    assert {"decoder", "lm_head"} <= set(parts)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    every_mode = [("frozen", "frozen", "naavit", "composite")[i % 4] for i in range(n_layers)]
+    for modes, new_tokens in ((["full"] * n_layers, 2), (every_mode, 1)):
+        check = cross_check(model, EfficiencyPlan(modes), batch, max_new_tokens=new_tokens, parts=parts)
+        assert set(check.part) == set(parts) and set(COMPONENTS) <= set(check.component), (modes, check)
+        off = check[check.counted != check.analytic]
+        assert off.empty, f"{family} under {modes}: analytic and FlopCounterMode counts differ:\n{off}"
+
+
+def _tiny_configs():
+    text = {**TEXT, "head_dim": 16}
+    qwen3 = Qwen3VLConfig(text_config=text, vision_config={"deepstack_visual_indexes": [0, 1]})
+    gemma3 = Gemma3Config(text_config=Gemma3TextConfig(**text, sliding_window=8, query_pre_attn_scalar=24,
+                                                       layer_types=["sliding_attention", "full_attention"] * 2))
+    return LlavaConfig(text_config=LlamaConfig(**text)), qwen3, gemma3
+
+
+def _layer0(frame, phase="prefill"):
+    rows = frame[(frame.part == "decoder") & (frame.layer == 0) & (frame.phase == phase)]
+    return rows.groupby("component").flops.sum().to_dict()
+
+
+def test_decoder_styles_share_the_matrix_products_and_differ_in_element_wise_work():
+    llama, qwen3, gemma3 = _tiny_configs()
+    assert [decoder_style(c).name for c in (llama, qwen3, gemma3)] == ["llama", "qwen3", "gemma3"]
+    tokens, e = TokenCounts(5, 8, 7), 4  # 20 tokens; rms_norm costs 4 per element
+    n, h, q_width, kv_width = 20, 64, 4 * 16, 2 * 16
+    frames = {c.get_text_config().model_type: full_flops(c, EfficiencyPlan.uniform(4, "naavit"), tokens,
+                                                         decode_tokens=12, parts=("decoder", "lm_head"))
+              for c in (llama, qwen3, gemma3)}
+    products = {t: matmul_flops(f).groupby(["step", "component"]).flops.sum() for t, f in frames.items()}
+    assert products["llama"].equals(products["qwen3_vl_text"])
+    llama0, qwen0, gemma0 = (_layer0(frames[t]) for t in ("llama", "qwen3_vl_text", "gemma3_text"))
+    assert "qk_norm" not in llama0 and qwen0["qk_norm"] == gemma0["qk_norm"] == e * n * (q_width + kv_width)
+    assert qwen0["norm"] == llama0["norm"] == e * 2 * n * h
+    assert gemma0["norm"] == e * 4 * n * h  # input, post-attention, pre- and post-feed-forward norms
+    assert gemma0["activation"] == (8 + 1) * n * 128  # GELU-tanh and the gate
+    outside = frames["gemma3_text"].query("part == 'decoder' and layer == -1 and step == 0").set_index("component")
+    assert outside.flops["scale"] == n * h and outside.flops["rotary"] == 3 * 2 * n * 16  # two rotary tables
+    deepstack = frames["qwen3_vl_text"].query("layer == -1 and component == 'residual'")
+    assert deepstack.flops.tolist() == [2 * 8 * h]  # two deepstack additions to the visual rows, prefill only
+    # decoding: sliding-window layers (0, 2) keep the last 8 keys, full ones every key
+    attention = frames["gemma3_text"].query("component == 'attention' and step == 12").set_index("layer").flops
+    assert attention[0] == attention[2] == 4 * 8 * q_width and attention[1] == 4 * (n + 12) * q_width
+    assert not frames["gemma3_text"].component.isin(["softcap"]).any()
+
+
+def test_gemma3_soft_capping_is_element_wise_work():
+    _, _, gemma3 = _tiny_configs()
+    gemma3.text_config.final_logit_softcapping, gemma3.text_config.attn_logit_softcapping = 30.0, 50.0
+    frame = full_flops(gemma3, EfficiencyPlan.empty(4), TokenCounts(5, 8, 7), parts=("decoder", "lm_head"))
+    caps = frame[frame.component == "softcap"].groupby("part").flops.sum()
+    assert caps["lm_head"] == 3 * 64 and caps["decoder"] == 4 * 3 * 20 * 20 * 4  # per logit; per score and head
+    assert set(matmul_flops(frame).component) <= MATMUL_COMPONENTS
+
+
+def test_full_count_refuses_decoders_and_towers_it_cannot_count():
+    tokens = TokenCounts(5, 8, 7)
+    moe = Qwen3VLMoeConfig(text_config={**TEXT, "head_dim": 16})
+    assert decoder_style(moe) is None and countable_parts(moe) == ("lm_head",)
+    with pytest.raises(NotImplementedError, match="'qwen3_vl_moe_text'.*DECODER_STYLES"):
+        full_flops(moe, EfficiencyPlan.empty(4), tokens, parts=("decoder", "lm_head"))
+    assert layer_flops(DecoderShape.from_config(moe), tokens, "full")["q_proj"] > 0  # the ShortV count still runs
+    _, qwen3, _ = _tiny_configs()
+    with pytest.raises(NotImplementedError, match=r"qwen3_vl.*parts=\('decoder', 'lm_head'\)"):
+        full_flops(qwen3, EfficiencyPlan.empty(4), tokens)
+    assert countable_parts(qwen3) == ("decoder", "lm_head")
 
 
 def test_plain_forward_counts_every_logit_and_every_tower_layer():
@@ -191,7 +282,7 @@ def _default_plan_with_every_mode(tmp_path, tokens):
 
 def test_flops_command_prints_the_ratio_a_plan_recorded_under_each_convention(tmp_path, capsys):
     tokens = TokenCounts(3, 100, 21)
-    plan, path = _default_plan_with_every_mode(tmp_path, tokens)
+    _plan, path = _default_plan_with_every_mode(tmp_path, tokens)
     provenance = EfficiencyPlan.load(path).provenance
     assert provenance["flops_convention"] == "shortv" and provenance["prefill_flops_convention"] == "full"
     assert main(["flops", "--model", "default", "--plan", str(path)]) == 0
@@ -206,10 +297,15 @@ def test_flops_command_prints_the_ratio_a_plan_recorded_under_each_convention(tm
 
 
 def test_flops_of_the_default_model_count_its_real_prompts(tmp_path, capsys):
-    from analyses.measuring.flops import flops_figures
-    from analyses.measuring.tokens import DEFAULT_ROWS, each_prompt_token_counts, resolve_token_counts
-    from eemllm_models import default_model_path
     from transformers import AutoProcessor
+
+    from analyses.measuring.flops import flops_figures
+    from analyses.measuring.tokens import (
+        DEFAULT_ROWS,
+        each_prompt_token_counts,
+        resolve_token_counts,
+    )
+    from eemllm_models import default_model_path
 
     config = load_config("default")
     processor = AutoProcessor.from_pretrained(default_model_path())

@@ -16,14 +16,31 @@ score every text key and themselves) and ``composite`` (no visual queries).
 plan`` and a plan's provenance show), :data:`CONVENTIONS` names them and :func:`format_flops` prints
 an amount in the unit that shows it (MFLOPs for the embedded model, TFLOPs for LLaVA-1.5-7B).
 
-**The full count** (:func:`full_flops`) is what a real ``model.generate()`` of a LLaVA model
-computes with the plan applied by its fast implementation (``plan.applied(model)``): the vision
-tower, the projector, every decoder layer, the final norm and lm_head, for the prefill and for
-each decoded token, as a tidy frame split by part, layer and component. LLaVA-1.5 resizes every
-image to the tower's ``image_size``, so an image is ``(image_size / patch_size)^2`` visual tokens
-and the token counts give the number of images; HF runs every tower layer, even those after
-``vision_feature_layer``. Other families' towers (anyres tiles, Qwen2-VL's native resolution) are
-refused with ``NotImplementedError``; their language model can still be counted.
+**The full count** (:func:`full_flops`) is what a real ``model.generate()`` computes with the
+plan applied by its fast implementation (``plan.applied(model)``): the vision tower, the
+projector, every decoder layer, the final norm and lm_head, for the prefill and for each decoded
+token, as a tidy frame split by part, layer and component.
+
+- Decoders: every style of :mod:`eemllm_models.anatomy` (:data:`DECODER_STYLES`, chosen from the
+  text config's ``model_type`` by :func:`decoder_style`), so the decoder of every supported family
+  is counted: ``llama`` (Llama, Mistral, Qwen2, Qwen2-VL/2.5-VL's decoders: LLaVA, LLaVA-NeXT,
+  -Video, OneVision, InternVL, Idefics3, SmolVLM, Mistral 3, Qwen2-VL, Qwen2.5-VL), ``qwen3``
+  (Qwen3, Qwen3-VL's decoder: per-head ``q_norm``/``k_norm``, element-wise work only) and
+  ``gemma3`` (q/k norms; a norm on the attention output and pre- and post-feed-forward norms;
+  embeddings scaled by ``sqrt(hidden)``; GELU-tanh; optional attention and final logit
+  soft-capping; ``query_pre_attn_scalar`` only changes the scale inside attention). The matrix
+  products are the same in every style. Sliding-window layers (Gemma 3, Mistral) attend densely
+  in the prefill (their mask does not shrink the dense ``sdpa`` work), and while decoding their
+  KV cache keeps the last ``sliding_window`` keys (:meth:`DecoderShape.decode_keys`). Qwen3-VL's
+  deepstack features added to the visual rows between layers count as additions. A decoder no
+  style covers (e.g. Qwen3-VL-MoE's) is refused with ``NotImplementedError``; its matrix products
+  in ShortV's convention (:func:`layer_flops`) are still counted.
+- Towers: LLaVA-1.5's CLIP tower and projector. LLaVA-1.5 resizes every image to the tower's
+  ``image_size``, so an image is ``(image_size / patch_size)^2`` visual tokens and the token counts
+  give the number of images; HF runs every tower layer, even those after ``vision_feature_layer``.
+  Other towers (anyres tiles, native-resolution ViTs, ...) are refused with ``NotImplementedError``
+  naming the tower; count their language model with ``parts=("decoder", "lm_head")``
+  (:func:`countable_parts` says which parts a config's count covers).
 
 - Matrix products (what ``torch.utils.flop_counter.FlopCounterMode`` counts; the rows
   :func:`matmul_flops` selects): ``q_proj``, ``kv_proj``, ``o_proj``, ``attention`` (scores and
@@ -34,8 +51,9 @@ refused with ``NotImplementedError``; their language model can still be counted.
   query against every non-visual key of the prompt (the causal mask drops the later ones
   afterwards) and its own key; the ``flex`` kernel's block-sparse work is not modelled here.
 - Element-wise work, counted with the per-element costs of :data:`ELEMENTWISE_FLOPS` and
-  :data:`ACTIVATION_FLOPS` (conventions, not measurements): ``norm``, ``rotary``, ``softmax``,
-  ``activation``, ``residual``, ``bias``, ``position_embed``, and ``attention_self`` (``naavit``'s
+  :data:`ACTIVATION_FLOPS` (conventions, not measurements): ``norm``, ``qk_norm`` (per-head q/k
+  norms), ``rotary``, ``softmax``, ``softcap``, ``activation``, ``residual``, ``bias``, ``scale``
+  (scaled embeddings), ``position_embed``, and ``attention_self`` (``naavit``'s
   score of a visual query against its own key and the weighted own value, ``4 * heads * head_dim``
   per visual token, done with element-wise products).
 
@@ -47,8 +65,10 @@ The count is per prompt; a padded batch also computes padding rows. :func:`layer
 
 :func:`cross_check` holds the two together: it counts a real ``generate()`` under the plan with
 :func:`flop_counter` (``FlopCounterMode`` plus CPU ``sdpa``), splits the counts by module
-(:func:`counted_flops`) and sets them beside :func:`matmul_flops`; on the tiny and the shipped
-LLaVA models they agree exactly in every mode (``tests/test_flops.py``).
+(:func:`counted_flops`: the decoder at the family's language model, ``model.language_model`` or
+``model.text_model``) and sets them beside :func:`matmul_flops`; on the tiny model of every family
+in ``tests/tiny_models.py`` and on the shipped LLaVA model they agree exactly, per layer and
+component, in every mode (``tests/test_flops.py``).
 """
 
 from __future__ import annotations
@@ -80,11 +100,48 @@ ELEMENTWISE_FLOPS = {
     "bias": 1,  # per output element of a linear layer with a bias
     "position_embed": 1,  # per element of the tower's embeddings
     "gate": 1,  # per MLP element: act(gate) * up
+    "softcap": 3,  # per capped logit or score: divide by the cap, tanh, multiply by the cap
+    "scale": 1,  # per element multiplied by a constant (Gemma 3's embeddings by sqrt(hidden))
 }
 """FLOPs per element of the element-wise operations of :func:`full_flops` (a convention)."""
 ACTIVATION_FLOPS = {"silu": 4, "quick_gelu": 5, "gelu": 8, "gelu_new": 8, "gelu_pytorch_tanh": 8, "relu": 1}
 """FLOPs per element of each activation (``x * sigmoid(x)`` is 4: exp, add, divide, multiply)."""
-LLAMA_STYLE_DECODERS = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class DecoderStyle:
+    """What a decoder style (:mod:`eemllm_models.anatomy`) adds to the ``llama`` layer's element-wise
+    work. Every style has the same matrix products: q/k/v/o projections, attention, a gated MLP.
+
+    ``head_norms``: per-head RMS norms on queries and keys (``q_norm``/``k_norm``). ``sandwich_norms``:
+    Gemma 3's norm on the attention output and its pre- and post-feed-forward norms (three norms
+    of the layer's output rows instead of one). ``scaled_embeddings``: token embeddings multiplied
+    by ``sqrt(hidden)``. ``model_types``: the text configs' ``model_type`` values of this style.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    head_norms: bool = False
+    sandwich_norms: bool = False
+    scaled_embeddings: bool = False
+
+
+DECODER_STYLES = (
+    DecoderStyle("llama", ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")),
+    DecoderStyle("qwen3", ("qwen3", "qwen3_vl_text"), head_norms=True),
+    DecoderStyle("gemma3", ("gemma3_text",), head_norms=True, sandwich_norms=True, scaled_embeddings=True),
+)
+"""The decoder styles :func:`full_flops` counts, each with the text model types it covers."""
+_QKV_BIAS_DECODERS = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+"""Text model types whose q/k/v projections have a bias though their config names no ``attention_bias``."""
+
+
+def decoder_style(config: PretrainedConfig) -> DecoderStyle | None:
+    """The :class:`DecoderStyle` of a config's decoder (its ``text_config``), or None when no style covers it."""
+    model_type = getattr(config.get_text_config(), "model_type", None)
+    return next((s for s in DECODER_STYLES if model_type in s.model_types), None)
+
+
 _UNSUPPORTED_VISION = {
     "llava_next": "anyres tiling (a base image and crops per image, unpadding and image-newline tokens)",
     "llava_onevision": "anyres tiling (crops per image, pooling and image-newline tokens)",
@@ -126,7 +183,7 @@ class TokenCounts:
         if not counts:
             raise ValueError("no prompts to average token counts over; pass at least one")
         mean = [sum(getattr(c, f) for c in counts) / len(counts) for f in ("text_before", "visual", "text_after")]
-        return cls(*(int(round(v)) for v in mean))
+        return cls(*(round(v) for v in mean))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, int]) -> TokenCounts:
@@ -152,7 +209,16 @@ class TokenCounts:
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """Sizes of a Llama-style decoder; the fields after ``layers`` matter only to :func:`full_flops`."""
+    """Sizes of a decoder; the fields after ``layers`` matter only to :func:`full_flops`.
+
+    ``style``: its :class:`DecoderStyle` (None: none covers it; the matrix products of
+    :func:`layer_flops` are still counted, :func:`full_flops` refuses it). ``sliding_windows``:
+    per layer, the window of a sliding-window layer (its KV cache keeps that many keys while
+    decoding) or None. ``rotary_tables``: cos/sin tables built per forward (Gemma 3: one per layer
+    type). ``attention_softcap``/``final_softcap``: logit soft-capping of the attention scores / of
+    the logits, or None. ``deepstack``: visual features added to the visual hidden states between
+    layers (Qwen3-VL), counted as additions of ``visual x hidden``.
+    """
 
     hidden: int
     intermediate: int
@@ -165,6 +231,12 @@ class DecoderShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    style: DecoderStyle | None = DECODER_STYLES[0]
+    sliding_windows: tuple[int | None, ...] = ()
+    rotary_tables: int = 1
+    attention_softcap: float | None = None
+    final_softcap: float | None = None
+    deepstack: int = 0
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> DecoderShape:
@@ -172,11 +244,48 @@ class DecoderShape:
         text = config.get_text_config()
         heads = text.num_attention_heads
         attention_bias = bool(getattr(text, "attention_bias", False))
+        windows = _sliding_windows(text)
+        vision = getattr(config, "vision_config", None)
         return cls(text.hidden_size, text.intermediate_size, heads, getattr(text, "num_key_value_heads", heads),
                    getattr(text, "head_dim", None) or text.hidden_size // heads, text.num_hidden_layers,
-                   vocab=getattr(text, "vocab_size", 0), activation=getattr(text, "hidden_act", "silu"),
-                   qkv_bias=attention_bias or getattr(text, "model_type", None) == "qwen2", o_bias=attention_bias,
-                   mlp_bias=bool(getattr(text, "mlp_bias", False)))
+                   vocab=getattr(text, "vocab_size", 0),
+                   activation=getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", "silu"),
+                   qkv_bias=attention_bias or getattr(text, "model_type", None) in _QKV_BIAS_DECODERS,
+                   o_bias=attention_bias, mlp_bias=bool(getattr(text, "mlp_bias", False)),
+                   style=decoder_style(config), sliding_windows=windows,
+                   rotary_tables=_rotary_tables(text),
+                   attention_softcap=getattr(text, "attn_logit_softcapping", None),
+                   final_softcap=getattr(text, "final_logit_softcapping", None),
+                   deepstack=len(getattr(vision, "deepstack_visual_indexes", None) or ()))
+
+    def decode_keys(self, layer: int, keys: int) -> int:
+        """Keys a decoded token of ``layer`` attends to when ``keys`` tokens (itself included) have been
+        seen: all of them, or the last ``sliding_window`` in a sliding-window layer (the KV cache
+        keeps ``window - 1`` past keys). The prefill attends densely to every key in any layer."""
+        window = self.sliding_windows[layer] if layer < len(self.sliding_windows) else None
+        return keys if window is None else min(keys, window)
+
+
+def _rotary_tables(text: PretrainedConfig) -> int:
+    """How many cos/sin tables the decoder builds per forward: one per layer type where the rotary
+    parameters are given per layer type (Gemma 3: ``{"sliding_attention": ..., "full_attention": ...}``)."""
+    rope, types = getattr(text, "rope_parameters", None), set(getattr(text, "layer_types", None) or ())
+    return len(types) if isinstance(rope, Mapping) and types and types <= set(rope) else 1
+
+
+def _sliding_windows(text: PretrainedConfig) -> tuple[int | None, ...]:
+    """Per decoder layer, the sliding window its KV cache keeps, or None: transformers' own rule
+    (``layer_types``, else ``sliding_window``), which ``generate()``'s ``DynamicCache`` follows."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(text)
+        return tuple(k.get("sliding_window") if t == "sliding_attention" else None for t, k in zip(types, kwargs))
+    except (ImportError, AttributeError, TypeError):  # older transformers
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None) or [
+            "sliding_attention" if window is not None else "full_attention"] * text.num_hidden_layers
+        return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 def layer_flops(shape: DecoderShape, tokens: TokenCounts, mode: str) -> dict[str, float]:
@@ -363,9 +472,11 @@ def _decoder_layer(shape: DecoderShape, kv_rows: int, query_rows: int, output_ro
                    self_scored: int) -> dict[str, int]:
     """FLOPs of one decoder layer that projects keys/values of ``kv_rows`` rows, queries of ``query_rows``,
     scores ``scored`` (query, key) pairs by matrix products and ``self_scored`` element-wise, and runs
-    o_proj and the MLP on ``output_rows`` rows."""
-    e, h, m = ELEMENTWISE_FLOPS, shape.hidden, shape.intermediate
+    o_proj and the MLP on ``output_rows`` rows. The matrix products are the same in every style;
+    the style adds per-head q/k norms and Gemma 3's extra norms of the output rows."""
+    e, h, m, style = ELEMENTWISE_FLOPS, shape.hidden, shape.intermediate, shape.style or DECODER_STYLES[0]
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    output_norms = 3 if style.sandwich_norms else 1  # post-attention (+ pre- and post-feed-forward)
     return {
         "q_proj": 2 * query_rows * h * q_width,
         "kv_proj": 2 * 2 * kv_rows * h * kv_width,
@@ -373,9 +484,11 @@ def _decoder_layer(shape: DecoderShape, kv_rows: int, query_rows: int, output_ro
         "attention": 4 * scored * q_width,
         "mlp": 2 * 3 * output_rows * h * m,
         "attention_self": 4 * self_scored * q_width,
-        "norm": e["rms_norm"] * (kv_rows + output_rows) * h,
+        "norm": e["rms_norm"] * (kv_rows + output_norms * output_rows) * h,
+        "qk_norm": e["rms_norm"] * (query_rows * q_width + kv_rows * kv_width) * style.head_norms,
         "rotary": e["rotary"] * (query_rows * q_width + kv_rows * kv_width),
         "softmax": e["softmax"] * (scored + self_scored) * shape.heads,
+        "softcap": e["softcap"] * (scored + self_scored) * shape.heads * (shape.attention_softcap is not None),
         "activation": (_activation_flops(shape.activation) + e["gate"]) * output_rows * m,
         "residual": e["residual"] * 2 * output_rows * h,
         "bias": e["bias"] * (shape.qkv_bias * (query_rows * q_width + 2 * kv_rows * kv_width)
@@ -396,17 +509,33 @@ def _parts_of(config: PretrainedConfig) -> tuple[str, ...]:
     return PARTS if getattr(config, "vision_config", None) is not None else ("decoder", "lm_head")
 
 
+def countable_parts(config: PretrainedConfig) -> tuple[str, ...]:
+    """The :data:`PARTS` of ``config`` that :func:`full_flops` counts: the vision tower and projector
+    where it counts that tower (LLaVA-1.5's CLIP), the decoder where a :class:`DecoderStyle` covers
+    it, and lm_head."""
+    parts = []
+    if getattr(config, "vision_config", None) is not None:
+        try:
+            _LlavaVision.from_config(config)
+            parts += ["vision_tower", "projector"]
+        except NotImplementedError:
+            pass
+    return (*parts, *(["decoder"] if decoder_style(config) is not None else []), "lm_head")
+
+
 def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCounts, decode_tokens: int = 0,
                logits_to_keep: int = 1, parts: Sequence[str] | None = None) -> pd.DataFrame:
-    """Every FLOP a LLaVA-1.5 ``generate()`` computes for one prompt under ``plan`` (fast implementation).
+    """Every FLOP a ``generate()`` computes for one prompt under ``plan`` (fast implementation).
 
     ``tokens``: the prompt (its visual tokens set the number of images). ``decode_tokens``: decoding
     forwards of one token each after the prefill (``generate(max_new_tokens=k)`` runs ``k - 1``: the
-    prefill yields the first token); decode step ``s`` attends to ``tokens.total + s`` keys, every
-    layer ``full``. ``logits_to_keep``: positions whose prefill logits are computed (1 in
-    ``generate()``, 0 for all, as in a plain forward). ``parts``: a subset of :data:`PARTS`
-    (default: all the config has; LLaVA-NeXT, OneVision and Qwen2-VL towers raise
-    ``NotImplementedError``, so pass ``("decoder", "lm_head")`` for them).
+    prefill yields the first token); decode step ``s`` attends to ``tokens.total + s`` keys (the
+    last ``sliding_window`` in a sliding-window layer), every layer ``full``. ``logits_to_keep``:
+    positions whose prefill logits are computed (1 in ``generate()``, 0 for all, as in a plain
+    forward). ``parts``: a subset of :data:`PARTS` (default: all the config has; a tower it does
+    not count raises ``NotImplementedError``, so pass ``("decoder", "lm_head")``, or
+    :func:`countable_parts`, for it). A decoder no :data:`DECODER_STYLES` entry covers raises
+    ``NotImplementedError`` too.
 
     Returns a frame with one row per nonzero count: ``phase`` (``prefill``/``decode``), ``step``
     (0 for the prefill, 1.. per decoded token), ``part`` (:data:`PARTS`), ``layer`` (index within
@@ -421,9 +550,11 @@ def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCoun
         raise ValueError(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     if decode_tokens < 0 or logits_to_keep < 0:
         raise ValueError(f"decode_tokens and logits_to_keep must be >= 0, got {decode_tokens} and {logits_to_keep}")
-    if "decoder" in parts and config.get_text_config().model_type not in LLAMA_STYLE_DECODERS:
-        raise NotImplementedError(f"full_flops counts Llama-style decoders {LLAMA_STYLE_DECODERS}, not "
-                                  f"{config.get_text_config().model_type!r}")
+    if "decoder" in parts and shape.style is None:
+        known = ", ".join(f"{s.name} ({', '.join(s.model_types)})" for s in DECODER_STYLES)
+        raise NotImplementedError(f"full_flops counts the decoder styles {known}, not the decoder of text model "
+                                  f"type {config.get_text_config().model_type!r}; add it to "
+                                  "analyses.measuring.flops.DECODER_STYLES if one of them describes it")
     rows: list[tuple] = []
 
     def add(phase: str, step: int, part: str, layer: int, mode: str, counts: Mapping[str, int]) -> None:
@@ -448,12 +579,18 @@ def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCoun
                 if step == 0:
                     add(phase, step, "decoder", layer, mode, _prefill_layer(shape, tokens, mode))
                 else:
-                    add(phase, step, "decoder", layer, "full", _decoder_layer(shape, 1, 1, 1, n + step, 0))
-            add(phase, step, "decoder", -1, "full", {"rotary": e["rotary_table"] * new * shape.head_dim,
-                                                     "norm": e["rms_norm"] * new * shape.hidden})
+                    keys = shape.decode_keys(layer, n + step)
+                    add(phase, step, "decoder", layer, "full", _decoder_layer(shape, 1, 1, 1, keys, 0))
+            add(phase, step, "decoder", -1, "full", {
+                "rotary": e["rotary_table"] * shape.rotary_tables * new * shape.head_dim,
+                "norm": e["rms_norm"] * new * shape.hidden,
+                "scale": e["scale"] * new * shape.hidden * shape.style.scaled_embeddings,
+                "residual": e["residual"] * shape.deepstack * tokens.visual * shape.hidden * (step == 0)})
         if "lm_head" in parts:
             kept = new if step or logits_to_keep == 0 else min(logits_to_keep, n)
-            add(phase, step, "lm_head", -1, "full", {"lm_head": 2 * kept * shape.hidden * shape.vocab})
+            add(phase, step, "lm_head", -1, "full", {
+                "lm_head": 2 * kept * shape.hidden * shape.vocab,
+                "softcap": e["softcap"] * kept * shape.vocab * (shape.final_softcap is not None)})
     return pd.DataFrame(rows, columns=["phase", "step", "part", "layer", "mode", "component", "flops"])
 
 
@@ -476,8 +613,15 @@ def flop_counter() -> FlopCounterMode:
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
 
 
-_PART_PATHS = {"vision_tower": "model.vision_tower", "projector": "model.multi_modal_projector",
-               "decoder": "model.language_model", "lm_head": "lm_head"}
+def _part_paths(model: PreTrainedModel) -> dict[str, str]:
+    """Where each of :data:`PARTS` lives in ``model``: the decoder at the family's language model
+    (``model.language_model``, ``model.text_model`` for Idefics3/SmolVLM), the LLaVA tower and projector."""
+    from eemllm_models.families import family_of
+
+    return {"vision_tower": "model.vision_tower", "projector": "model.multi_modal_projector",
+            "decoder": f"model.{family_of(model).language_model}", "lm_head": "lm_head"}
+
+
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)$")
 _LAYER_CHILD = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn\.(?:q|k|v|o|out)_proj|mlp)$")
 _CHILD_COMPONENT = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "kv_proj", "self_attn.v_proj": "kv_proj",
@@ -496,8 +640,10 @@ def _module_names(model: PreTrainedModel, path: str) -> list[str]:
     return names
 
 
-def counted_flops(counter: FlopCounterMode, model: PreTrainedModel) -> pd.DataFrame:
-    """What ``counter`` counted in ``model``'s parts, on the footing of :func:`matmul_flops`.
+def counted_flops(counter: FlopCounterMode, model: PreTrainedModel,
+                  parts: Sequence[str] | None = None) -> pd.DataFrame:
+    """What ``counter`` counted in ``model``'s ``parts`` (default: all of :data:`PARTS` it has), on the
+    footing of :func:`matmul_flops`.
 
     Columns ``part, layer, component, flops``. Per layer, ``q_proj``/``kv_proj``/``o_proj``/``mlp``
     are the counts of those submodules and ``attention`` the rest of the layer (the fast paths
@@ -505,7 +651,8 @@ def counted_flops(counter: FlopCounterMode, model: PreTrainedModel) -> pd.DataFr
     ``linear_2`` (projector), ``lm_head``, and ``other`` for anything else counted.
     """
     totals: dict[str, dict[str, int]] = {part: defaultdict(int) for part in PARTS}
-    prefixes = [(name, part) for part, path in _PART_PATHS.items() if _has_path(model, path)
+    prefixes = [(name, part) for part, path in _part_paths(model).items()
+                if (parts is None or part in parts) and _has_path(model, path)
                 for name in _module_names(model, path)]
     for key, ops in counter.get_flop_counts().items():
         for name, part in prefixes:
@@ -543,14 +690,17 @@ def _has_path(model: torch.nn.Module, path: str) -> bool:
 
 
 def cross_check(model: PreTrainedModel, plan: EfficiencyPlan, batch: Mapping[str, torch.Tensor],
-                max_new_tokens: int = 2) -> pd.DataFrame:
+                max_new_tokens: int = 2, parts: Sequence[str] | None = None) -> pd.DataFrame:
     """Count ``model.generate(**batch, max_new_tokens=...)`` under ``plan`` (fast implementation) with
     :func:`flop_counter` and set it beside the analytic :func:`matmul_flops` of :func:`full_flops`.
 
     ``batch``: one prompt without padding (``input_ids`` ``[1, seq]``, ``pixel_values``, ...).
+    ``parts``: the :data:`PARTS` compared (default: all the config has, as :func:`full_flops`;
+    :func:`countable_parts` for a family whose tower is not counted).
     Returns columns ``part, layer, component, analytic, counted, ratio`` (counted / analytic),
     prefill and decode summed. Attention must be ``eager`` or ``sdpa`` (on CPU or GPU).
     """
+    parts = _parts_of(model.config) if parts is None else tuple(parts)
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     if input_ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
@@ -561,10 +711,11 @@ def cross_check(model: PreTrainedModel, plan: EfficiencyPlan, batch: Mapping[str
         out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False)
     decoded = out.shape[1] - input_ids.shape[1]
-    analytic = matmul_flops(full_flops(model.config, plan, tokens, decode_tokens=decoded - 1))
+    analytic = matmul_flops(full_flops(model.config, plan, tokens, decode_tokens=decoded - 1, parts=parts))
     keys = ["part", "layer", "component"]
+    counted = counted_flops(counter, model, parts).rename(columns={"flops": "counted"})
     merged = (analytic.groupby(keys, as_index=False).flops.sum().rename(columns={"flops": "analytic"})
-              .merge(counted_flops(counter, model).rename(columns={"flops": "counted"}), on=keys, how="outer")
+              .merge(counted, on=keys, how="outer")
               .fillna({"analytic": 0, "counted": 0}))
     merged["ratio"] = merged.counted / merged.analytic
     return merged
