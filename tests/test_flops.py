@@ -16,6 +16,7 @@ from analyses.cli import main
 from analyses.measuring.flops import (
     COMPONENTS,
     MATMUL_COMPONENTS,
+    PARTS,
     DecoderShape,
     TokenCounts,
     countable_parts,
@@ -90,17 +91,22 @@ def test_full_count_matches_flop_counter_in_every_mode(plan, attn):
     assert {"q_proj", "kv_proj", "o_proj", "attention", "mlp"} <= set(check.component)
 
 
+TOWERS_COUNTED = {"llava", "gemma3", "idefics3", "smolvlm"}
+"""Families whose vision tower and projector full_flops counts (the others' decoder and lm_head only)."""
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_decoder_count_matches_flop_counter_in_every_family(family):
     # Real generate() calls of each family's tiny model on one prompt with two images: the original model
     # (the prefill and one decoded token: sliding-window caches show there) and a plan with every mode,
     # frozen twice in a row (a frozen run). The counts agree exactly per layer and component, so each
-    # layer's mode is checked on its own. Towers full_flops does not count are left out.
+    # layer's mode is checked on its own. Towers full_flops does not count are left out; the SigLIP towers
+    # (Gemma 3, with its attention-pooling head; Idefics3 and SmolVLM per sub-image) are counted.
     build, make_batch = FAMILIES[family]
     model = build()
     batch = {k: v for k, v in make_batch(model, 1, images=2).items() if k != "attention_mask"}
     parts = countable_parts(model.config)
-    assert {"decoder", "lm_head"} <= set(parts)
+    assert parts == (PARTS if family in TOWERS_COUNTED else ("decoder", "lm_head"))
     n_layers = model.config.get_text_config().num_hidden_layers
     every_mode = [("frozen", "frozen", "naavit", "composite")[i % 4] for i in range(n_layers)]
     for modes, new_tokens in ((["full"] * n_layers, 2), (every_mode, 1)):
@@ -165,9 +171,26 @@ def test_full_count_refuses_decoders_and_towers_it_cannot_count():
         full_flops(moe, EfficiencyPlan.empty(4), tokens, parts=("decoder", "lm_head"))
     assert layer_flops(DecoderShape.from_config(moe), tokens, "full")["q_proj"] > 0  # the ShortV count still runs
     _, qwen3, _ = _tiny_configs()
-    with pytest.raises(NotImplementedError, match=r"qwen3_vl.*parts=\('decoder', 'lm_head'\)"):
+    with pytest.raises(NotImplementedError, match=r"vision tower 'qwen3_vl_vision'.*parts=\('decoder', 'lm_head'\)"):
         full_flops(qwen3, EfficiencyPlan.empty(4), tokens)
     assert countable_parts(qwen3) == ("decoder", "lm_head")
+
+
+def test_gemma3_tower_is_pooled_to_its_image_tokens():
+    # Gemma 3 4B's SigLIP: 896 px images, 14 px patches (4096 per image), no attention-pooling head,
+    # features pooled 4 x 4 into 256 tokens, RMS-normed and projected to the decoder's width
+    vision = {"image_size": 896, "patch_size": 14, "hidden_size": 1152, "intermediate_size": 4304,
+              "num_hidden_layers": 27, "num_attention_heads": 16, "vision_use_head": False}
+    config = Gemma3Config(vision_config=vision, text_config=Gemma3TextConfig(hidden_size=2560, num_hidden_layers=4))
+    tokens = TokenCounts.for_images(config, images=2, text_before=10, text_after=20)
+    assert tokens.visual == 2 * 256
+    frame = full_flops(config, EfficiencyPlan.empty(4), tokens)
+    by_part = frame.groupby(["part", "component"]).flops.sum()
+    assert by_part["projector"].to_dict() == {"projection": 2 * 512 * 1152 * 2560, "pool": 2 * 4096 * 1152,
+                                              "norm": 4 * 512 * 1152}
+    assert "head" not in by_part["vision_tower"] and by_part["vision_tower", "attention"] == 2 * 27 * 4 * 4096**2 * 1152
+    with pytest.raises(ValueError, match="not a whole number of images"):
+        full_flops(config, EfficiencyPlan.empty(4), TokenCounts(10, 300, 20))
 
 
 def test_plain_forward_counts_every_logit_and_every_tower_layer():

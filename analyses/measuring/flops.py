@@ -35,17 +35,27 @@ token, as a tidy frame split by part, layer and component.
   deepstack features added to the visual rows between layers count as additions. A decoder no
   style covers (e.g. Qwen3-VL-MoE's) is refused with ``NotImplementedError``; its matrix products
   in ShortV's convention (:func:`layer_flops`) are still counted.
-- Towers: LLaVA-1.5's CLIP tower and projector. LLaVA-1.5 resizes every image to the tower's
-  ``image_size``, so an image is ``(image_size / patch_size)^2`` visual tokens and the token counts
-  give the number of images; HF runs every tower layer, even those after ``vision_feature_layer``.
-  Other towers (anyres tiles, native-resolution ViTs, ...) are refused with ``NotImplementedError``
-  naming the tower; count their language model with ``parts=("decoder", "lm_head")``
-  (:func:`countable_parts` says which parts a config's count covers).
+- Towers on fixed-size images, whose cost the token counts give (:func:`visual_tokens_per_image`):
+  LLaVA-1.5's CLIP tower and projector (every image resized to the tower's ``image_size``, so an
+  image is ``(image_size / patch_size)^2`` visual tokens; HF runs every tower layer, even those
+  after ``vision_feature_layer``); Gemma 3's SigLIP (``mm_tokens_per_image`` tokens per image,
+  pan-and-scan crops included; its attention-pooling head where ``vision_use_head`` is set, whose
+  output is unused, and the projector's average pooling, RMS norm and projection); Idefics3's and
+  SmolVLM's SigLIP-style tower, once per sub-image (``(image_size / patch_size)^2 /
+  scale_factor^2`` tokens each; the processor splits an image into sub-images and a global image),
+  and their pixel-shuffle connector. Other towers are refused with ``NotImplementedError`` naming
+  the tower: LLaVA-NeXT(-Video)'s and OneVision's anyres tiles, Qwen2-VL's, Qwen2.5-VL's,
+  Qwen3-VL's and Pixtral's (Mistral 3) native resolution (attention within each image depends on
+  its own grid, which token counts do not give), and InternVL's InternViT (not written yet: its
+  class token, layer scale and optional q/k norms, once per tile); count their language
+  model with ``parts=("decoder", "lm_head")`` (:func:`countable_parts` says which parts a
+  config's count covers).
 
 - Matrix products (what ``torch.utils.flop_counter.FlopCounterMode`` counts; the rows
   :func:`matmul_flops` selects): ``q_proj``, ``kv_proj``, ``o_proj``, ``attention`` (scores and
   the weighted sum of values, ``4 * queries * keys * heads * head_dim``), ``mlp``, the tower's
-  ``patch_embed`` convolution, the projector's ``linear_1``/``linear_2`` and ``lm_head``.
+  ``patch_embed`` convolution and SigLIP's attention-pooling ``head``, the projector's
+  ``linear_1``/``linear_2`` (LLaVA) or ``projection`` (Gemma 3, Idefics3, SmolVLM) and ``lm_head``.
   Attention kernels compute dense blocks, so a causal mask saves nothing: a full layer scores
   ``n * n`` pairs. ``naavit``'s fast path (its default ``gather`` kernel) scores each visual
   query against every non-visual key of the prompt (the causal mask drops the later ones
@@ -53,7 +63,7 @@ token, as a tidy frame split by part, layer and component.
 - Element-wise work, counted with the per-element costs of :data:`ELEMENTWISE_FLOPS` and
   :data:`ACTIVATION_FLOPS` (conventions, not measurements): ``norm``, ``qk_norm`` (per-head q/k
   norms), ``rotary``, ``softmax``, ``softcap``, ``activation``, ``residual``, ``bias``, ``scale``
-  (scaled embeddings), ``position_embed``, and ``attention_self`` (``naavit``'s
+  (scaled embeddings), ``position_embed``, ``pool``, and ``attention_self`` (``naavit``'s
   score of a visual query against its own key and the weighted own value, ``4 * heads * head_dim``
   per visual token, done with element-wise products).
 
@@ -88,7 +98,7 @@ from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attention", "mlp")
 PARTS = ("vision_tower", "projector", "decoder", "lm_head")
-MATMUL_COMPONENTS = frozenset(COMPONENTS) | {"patch_embed", "linear_1", "linear_2", "lm_head"}
+MATMUL_COMPONENTS = frozenset(COMPONENTS) | {"patch_embed", "head", "linear_1", "linear_2", "projection", "lm_head"}
 """Components made of matrix products: the ones ``FlopCounterMode`` counts."""
 ELEMENTWISE_FLOPS = {
     "rms_norm": 4,  # per element: square, sum, scale, weight
@@ -100,6 +110,7 @@ ELEMENTWISE_FLOPS = {
     "bias": 1,  # per output element of a linear layer with a bias
     "position_embed": 1,  # per element of the tower's embeddings
     "gate": 1,  # per MLP element: act(gate) * up
+    "pool": 1,  # per element averaged by a pooling layer
     "softcap": 3,  # per capped logit or score: divide by the cap, tanh, multiply by the cap
     "scale": 1,  # per element multiplied by a constant (Gemma 3's embeddings by sqrt(hidden))
 }
@@ -144,9 +155,14 @@ def decoder_style(config: PretrainedConfig) -> DecoderStyle | None:
 
 _UNSUPPORTED_VISION = {
     "llava_next": "anyres tiling (a base image and crops per image, unpadding and image-newline tokens)",
+    "llava_next_video": "anyres tiling of images and pooled video frames",
     "llava_onevision": "anyres tiling (crops per image, pooling and image-newline tokens)",
     "qwen2_vl": "native-resolution ViT with 2x2 patch merging",
     "qwen2_5_vl": "native-resolution windowed ViT with 2x2 patch merging",
+    "qwen3_vl": "native-resolution ViT with interpolated position embeddings, 2x2 patch merging and deepstack "
+                "mergers",
+    "internvl": "InternViT on dynamic tiles with pixel shuffle, not written yet",
+    "mistral3": "Pixtral's native-resolution tower with 2D rotary embeddings and a patch merger",
 }
 
 
@@ -168,7 +184,8 @@ class TokenCounts:
 
     @classmethod
     def for_images(cls, config: PretrainedConfig, images: int, text_before: int, text_after: int) -> TokenCounts:
-        """A prompt with ``images`` images of a LLaVA-1.5 model (each resized to the tower's ``image_size``)."""
+        """A prompt with ``images`` images (Idefics3 / SmolVLM: sub-images) of a model whose tower
+        :func:`full_flops` counts (:func:`visual_tokens_per_image` tokens each)."""
         return cls(text_before, images * visual_tokens_per_image(config), text_after)
 
     @classmethod
@@ -410,20 +427,11 @@ class _LlavaVision:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> _LlavaVision:
-        model_type = getattr(config, "model_type", None)
-        vision = getattr(config, "vision_config", None)
-        if vision is None:
-            raise ValueError(f"the config (model type {model_type!r}) has no vision tower; "
-                             "count the language model only with parts=('decoder', 'lm_head')")
-        if model_type != "llava":
-            what = _UNSUPPORTED_VISION.get(model_type, "vision tower and projector")
-            raise NotImplementedError(
-                f"full_flops counts the vision tower and projector of LLaVA-1.5 (model type 'llava') only; "
-                f"{model_type!r}'s {what} is not implemented. Count the language model with "
-                "parts=('decoder', 'lm_head') and TokenCounts of its visual tokens")
+        vision = config.vision_config
         if vision.model_type != "clip_vision_model":
-            raise NotImplementedError(f"full_flops counts CLIP vision towers, not {vision.model_type!r}; "
-                                      "count the language model with parts=('decoder', 'lm_head')")
+            raise NotImplementedError(f"full_flops counts LLaVA's CLIP vision towers, not the tower "
+                                      f"{vision.model_type!r}; count the language model with "
+                                      "parts=('decoder', 'lm_head')")
         strategy = config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}; LLaVA uses 'default' or 'full'")
@@ -462,10 +470,106 @@ class _LlavaVision:
                 "bias": ELEMENTWISE_FLOPS["bias"] * 2 * rows * out * self.projector_bias}
 
 
+@dataclass(frozen=True)
+class _SiglipVision:
+    """A SigLIP-style tower on fixed-size images and its projector: Gemma 3 (SigLIP, its features
+    average-pooled to ``mm_tokens_per_image``, RMS-normed and projected) and Idefics3 / SmolVLM (one
+    tower pass per sub-image, ``scale_factor^2`` patches pixel-shuffled into one token and projected).
+    Unlike CLIP: no class token, no pre-norm, a bias on the patch convolution, the post-norm on every
+    patch row, and SigLIP's attention-pooling ``head`` where ``vision_use_head`` is set (its output
+    is unused, but it runs)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    patch: int
+    image_size: int
+    channels: int
+    activation: str
+    features: int  # visual tokens per image (Gemma 3) or sub-image (Idefics3 / SmolVLM)
+    head: bool
+    pooled: bool  # Gemma 3: average pooling and an RMS norm before the projection
+    projector_in: int
+    projector_out: int
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> _SiglipVision:
+        vision, text_hidden = config.vision_config, config.get_text_config().hidden_size
+        patches = (vision.image_size // vision.patch_size) ** 2
+        pooled = config.model_type == "gemma3"
+        if pooled:
+            features, projector_in = config.mm_tokens_per_image, vision.hidden_size
+        else:
+            features, projector_in = patches // config.scale_factor**2, vision.hidden_size * config.scale_factor**2
+        return cls(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, vision.num_hidden_layers,
+                   vision.patch_size, vision.image_size, vision.num_channels, vision.hidden_act, features,
+                   bool(getattr(vision, "vision_use_head", False)), pooled, projector_in, text_hidden)
+
+    def tower(self, images: int) -> dict[int, dict[str, int]]:
+        """FLOPs by tower layer (-1: patch and position embeddings, post-norm, head) and component."""
+        e, n, d, m = ELEMENTWISE_FLOPS, self.patches, self.hidden, self.intermediate
+        act = _activation_flops(self.activation)
+        embed = {"patch_embed": 2 * n * self.channels * self.patch**2 * d,
+                 "position_embed": e["position_embed"] * n * d, "norm": e["layer_norm"] * n * d,
+                 "bias": e["bias"] * n * d}
+        if self.head:  # one probe query attends to every patch, then a norm and an MLP on its row
+            head = {"head": 2 * d * d + 2 * 2 * n * d * d + 4 * n * d + 2 * d * d + 2 * 2 * d * m,
+                    "softmax": e["softmax"] * n * self.heads, "norm": e["layer_norm"] * d,
+                    "activation": act * m, "residual": e["residual"] * d,
+                    "bias": e["bias"] * (d + 2 * n * d + d + m + d)}
+            embed = {c: embed.get(c, 0) + head.get(c, 0) for c in {*embed, *head}}
+        layer = {
+            "q_proj": 2 * n * d * d, "kv_proj": 2 * 2 * n * d * d, "o_proj": 2 * n * d * d,
+            "attention": 4 * n * n * d, "mlp": 2 * 2 * n * d * m,
+            "norm": e["layer_norm"] * 2 * n * d, "softmax": e["softmax"] * n * n * self.heads,
+            "activation": act * n * m, "residual": e["residual"] * 2 * n * d, "bias": e["bias"] * n * (5 * d + m),
+        }
+        out = {-1: embed, **{i: layer for i in range(self.layers)}}
+        return {i: {c: images * f for c, f in counts.items()} for i, counts in out.items()}
+
+    def projector(self, images: int) -> dict[str, int]:
+        """FLOPs of the projection of every image's features (after Gemma 3's pooling and norm)."""
+        e, rows = ELEMENTWISE_FLOPS, images * self.features
+        counts = {"projection": 2 * rows * self.projector_in * self.projector_out}
+        if self.pooled:
+            counts.update(pool=e["pool"] * images * self.patches * self.hidden,
+                          norm=e["rms_norm"] * rows * self.hidden)
+        return counts
+
+
+_COUNTED_TOWERS = {"llava": _LlavaVision, "gemma3": _SiglipVision, "idefics3": _SiglipVision,
+                   "smolvlm": _SiglipVision}
+"""The multimodal model types whose tower and projector :func:`full_flops` counts."""
+
+
+def _vision_of(config: PretrainedConfig) -> _LlavaVision | _SiglipVision:
+    """The counted tower and projector of a multimodal config, or ``NotImplementedError`` naming the tower."""
+    model_type = getattr(config, "model_type", None)
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        raise ValueError(f"the config (model type {model_type!r}) has no vision tower; "
+                         "count the language model only with parts=('decoder', 'lm_head')")
+    if model_type not in _COUNTED_TOWERS:
+        what = _UNSUPPORTED_VISION.get(model_type, "its vision tower and projector")
+        raise NotImplementedError(
+            f"full_flops does not count the vision tower {getattr(vision, 'model_type', type(vision).__name__)!r} "
+            f"of model type {model_type!r} ({what}); it counts the towers and projectors of "
+            f"{', '.join(repr(t) for t in _COUNTED_TOWERS)}. Count the language model with "
+            "parts=('decoder', 'lm_head') and TokenCounts of its visual tokens")
+    return _COUNTED_TOWERS[model_type].from_config(config)
+
+
 def visual_tokens_per_image(config: PretrainedConfig) -> int:
-    """Visual tokens one image becomes in a LLaVA-1.5 model: ``(image_size / patch_size)^2`` (+1 with
-    the ``full`` feature strategy). Every image is resized to the tower's ``image_size``."""
-    return _LlavaVision.from_config(config).features
+    """Visual tokens one image becomes: LLaVA-1.5 ``(image_size / patch_size)^2`` (+1 with the ``full``
+    feature strategy), every image resized to the tower's ``image_size``; Gemma 3
+    ``mm_tokens_per_image``; Idefics3 / SmolVLM: per *sub-image* (their processors split an image
+    into several sub-images and a global one), ``(image_size / patch_size)^2 / scale_factor^2``."""
+    return _vision_of(config).features
 
 
 def _decoder_layer(shape: DecoderShape, kv_rows: int, query_rows: int, output_rows: int, scored: int,
@@ -516,7 +620,7 @@ def countable_parts(config: PretrainedConfig) -> tuple[str, ...]:
     parts = []
     if getattr(config, "vision_config", None) is not None:
         try:
-            _LlavaVision.from_config(config)
+            _vision_of(config)
             parts += ["vision_tower", "projector"]
         except NotImplementedError:
             pass
@@ -561,7 +665,7 @@ def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCoun
         rows.extend((phase, step, part, layer, mode, c, int(f)) for c, f in counts.items() if f)
 
     if {"vision_tower", "projector"} & set(parts):
-        vision = _LlavaVision.from_config(config)
+        vision = _vision_of(config)
         images, extra = divmod(tokens.visual, vision.features)
         if extra:
             raise ValueError(f"{tokens.visual} visual tokens are not a whole number of images of "
@@ -615,10 +719,16 @@ def flop_counter() -> FlopCounterMode:
 
 def _part_paths(model: PreTrainedModel) -> dict[str, str]:
     """Where each of :data:`PARTS` lives in ``model``: the decoder at the family's language model
-    (``model.language_model``, ``model.text_model`` for Idefics3/SmolVLM), the LLaVA tower and projector."""
+    (``model.language_model``, ``model.text_model`` for Idefics3/SmolVLM), the tower at
+    ``model.vision_tower`` (``model.vision_model`` for Idefics3/SmolVLM) and the projector at
+    ``model.multi_modal_projector`` (``model.connector``)."""
     from eemllm_models.families import family_of
 
-    return {"vision_tower": "model.vision_tower", "projector": "model.multi_modal_projector",
+    def first(*names: str) -> str:
+        return next((f"model.{n}" for n in names if _has_path(model, f"model.{n}")), f"model.{names[0]}")
+
+    return {"vision_tower": first("vision_tower", "vision_model"), "projector": first("multi_modal_projector",
+                                                                                      "connector"),
             "decoder": f"model.{family_of(model).language_model}", "lm_head": "lm_head"}
 
 
@@ -626,7 +736,9 @@ _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)$")
 _LAYER_CHILD = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn\.(?:q|k|v|o|out)_proj|mlp)$")
 _CHILD_COMPONENT = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "kv_proj", "self_attn.v_proj": "kv_proj",
                     "self_attn.o_proj": "o_proj", "self_attn.out_proj": "o_proj", "mlp": "mlp"}
-_REST_COMPONENT = {"vision_tower": "patch_embed", "projector": "other", "decoder": "other", "lm_head": "lm_head"}
+_REST_COMPONENT = {"vision_tower": "patch_embed", "projector": "projection", "decoder": "other", "lm_head": "lm_head"}
+_TOP_COMPONENTS = {"vision_tower": ("head",), "projector": ("linear_1", "linear_2")}
+"""Submodules of a part outside its layers counted as their own component (the rest is ``_REST_COMPONENT``)."""
 
 
 def _module_names(model: PreTrainedModel, path: str) -> list[str]:
@@ -670,7 +782,7 @@ def counted_flops(counter: FlopCounterMode, model: PreTrainedModel,
                 layers[int(layer[1])] += flops
             elif child := _LAYER_CHILD.match(name):
                 children[int(child[1]), _CHILD_COMPONENT[child[2]]] += flops
-        top = {c: by_name.get(c, 0) for c in ("linear_1", "linear_2")} if part == "projector" else {}
+        top = {c: by_name.get(c, 0) for c in _TOP_COMPONENTS.get(part, ())}
         top[_REST_COMPONENT[part]] = by_name.get("", 0) - sum(layers.values()) - sum(top.values())
         rows += [(part, -1, c, f) for c, f in top.items()]
         for layer, total in sorted(layers.items()):
