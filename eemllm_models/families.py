@@ -67,6 +67,11 @@ FAMILIES = (
                                       "M-RoPE, images and videos; its deepstack visual features are added to "
                                       "the visual hidden states after the first layers, outside the layers, so a "
                                       "frozen layer there still gets them (the probes replay that addition)."),
+    Family("internvl", ("internvl",), "InternVL: visual = the <IMG_CONTEXT> positions (image_token_id), "
+                                      "image_seq_length per tile (the processor's crops and thumbnail of an "
+                                      "image, or one video frame); the <img>/</img> around each image or frame are "
+                                      "text (their hidden states start from their token embeddings). Qwen2 "
+                                      "decoder (llama style) or Qwen3's (qwen3 style)."),
 )
 REFUSED = {
     "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "

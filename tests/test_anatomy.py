@@ -7,14 +7,18 @@ from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
 from eemllm_models import EfficiencyPlan, apply_plan
 from eemllm_models.anatomy import style_of
+from eemllm_models.families import family_of
 from tiny_models import FAMILIES, TEXT
+
+STYLE_OF_FAMILY = {"qwen3_vl": "qwen3", "internvl_qwen3": "qwen3", "gemma3": "gemma3"}
+"""The decoder style of each tiny family (``llama`` where not listed)."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_supported_family_has_a_style(family):
     model = FAMILIES[family][0](seed=0)
-    styles = {style_of(layer).name for layer in model.model.language_model.layers}
-    assert styles == ({"qwen3"} if family == "qwen3_vl" else {"llama"})
+    styles = {style_of(layer).name for layer in family_of(model).decoder_layers(model)}
+    assert styles == {STYLE_OF_FAMILY.get(family, "llama")}
 
 
 def test_the_qwen3_style_forms_queries_and_keys_as_the_model_does():

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from eemllm_models import EfficiencyPlan, apply_plan
 from eemllm_models.apply import choose_naavit_kernel
+from eemllm_models.families import family_of
 from eemllm_models.modes import flex_available
 from tiny_models import FAMILIES, FIRST_WORD
 
@@ -32,7 +33,7 @@ def model(request):
 
 
 def _layers(model):
-    return model.model.language_model.layers
+    return family_of(model).decoder_layers(model)
 
 
 def _run(model, batch, plan, implementation="fast", naavit_kernel="auto", **call_kwargs):

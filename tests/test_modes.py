@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from eemllm_models import EfficiencyPlan, apply_plan, token_layout
+from eemllm_models.families import family_of
 from eemllm_models.modes import RowSplit, fast_forward
 from tiny_models import FAMILIES, FIRST_WORD, IMAGE_TOKEN
 
@@ -54,7 +55,7 @@ def test_empty_plan_is_exact_and_undo_restores(model, padding):
 
 def test_frozen_layer_keeps_visual_rows_and_matches_text_rows(model):
     batch = model.make_batch(3, 2, seed=7)
-    layer = model.model.language_model.layers[1]
+    layer = family_of(model).decoder_layers(model)[1]
     captured = {}
 
     def keep(module, args, kwargs):

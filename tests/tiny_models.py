@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -23,6 +25,7 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3Config,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
@@ -105,16 +108,34 @@ def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
     return _finish(Qwen3VLForConditionalGeneration(config), attn)
 
 
+def tiny_internvl(seed: int = 0, attn: str = "sdpa", decoder: str = "qwen2") -> PreTrainedModel:
+    """InternVL: InternViT tower (a 32 px tile is 16 patches, pixel-shuffled into 4 tokens), MLP projector,
+    Qwen2 decoder, or Qwen3's (the qwen3 style: q/k norms) with ``decoder="qwen3"``."""
+    torch.manual_seed(seed)
+    text = Qwen2Config(**TEXT) if decoder == "qwen2" else Qwen3Config(**TEXT, head_dim=16)
+    config = InternVLConfig(vision_config=CLIP, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=4)
+    return _finish(InternVLForConditionalGeneration(config), attn)
+
+
 def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
-    """Token ids with ``counts[b][i]`` image tokens for image ``i`` of row ``b``, and the padding mask."""
+    """Token ids with ``counts[b][i]`` image tokens (between ``markers``) for image ``i`` of row ``b``, and the
+    padding mask."""
+    return _assemble_blocks([[markers[0] + [IMAGE_TOKEN] * n + markers[1] for n in row] for row in counts], seed,
+                            padding)
+
+
+def _assemble_blocks(blocks: list[list[list[int]]], seed: int, padding: str) -> dict[str, torch.Tensor]:
+    """Rows ``BOS [words] blocks[b][0] [words] blocks[b][1] ... [words]`` (1-4 random words before each block,
+    ``3 + 2 b`` after the last), padded ``"left"`` or ``"right"``: ``input_ids`` and ``attention_mask``
+    ``[batch, longest row]``."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for b, row_counts in enumerate(counts):
+    for b, row_blocks in enumerate(blocks):
         ids = [BOS]
-        for n in row_counts:
+        for block in row_blocks:
             ids += torch.randint(FIRST_WORD, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),),
                                  generator=g).tolist()
-            ids += markers[0] + [IMAGE_TOKEN] * n + markers[1]
+            ids += block
         ids += torch.randint(FIRST_WORD, VOCAB, (3 + 2 * b,), generator=g).tolist()
         rows.append(ids)
     width = max(map(len, rows))
@@ -154,6 +175,19 @@ def qwen_batch(model, batch: int, images: int, seed: int = 0, padding: str = "le
             "image_grid_thw": torch.tensor([QWEN_GRID] * n)}
 
 
+def internvl_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """InternVL: image ``i`` of row ``b`` is ``1 + (b + i) % 3`` tiles of 32 px (the processor's crops and
+    thumbnail), laid out as the processor does: ``<img> <IMG_CONTEXT> x (tokens per tile x tiles) </img>``;
+    ``pixel_values`` ``[tiles, 3, 32, 32]``; the tokens per tile from the model's own features."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    tiles = [[1 + (b + i) % 3 for i in range(images)] for b in range(batch)]
+    pixel_values = torch.randn(sum(map(sum, tiles)), 3, 32, 32, generator=g)
+    with torch.no_grad():
+        per_tile = model.model.get_image_features(pixel_values=pixel_values[:1]).pooler_output.shape[1]
+    inputs = _assemble([[per_tile * n for n in row] for row in tiles], seed, padding, ([VISION_START], [VISION_END]))
+    return {**inputs, "pixel_values": pixel_values}
+
+
 FAMILIES = {
     "llava": (tiny_llava, llava_batch),
     "llava_next": (tiny_llava_next, anyres_batch),
@@ -161,4 +195,6 @@ FAMILIES = {
     "qwen2_vl": (tiny_qwen2_vl, qwen_batch),
     "qwen2_5_vl": (lambda seed=0, attn="sdpa": tiny_qwen2_vl(seed, attn, version="2.5"), qwen_batch),
     "qwen3_vl": (tiny_qwen3_vl, qwen_batch),
+    "internvl": (tiny_internvl, internvl_batch),
+    "internvl_qwen3": (lambda seed=0, attn="sdpa": tiny_internvl(seed, attn, decoder="qwen3"), internvl_batch),
 }
