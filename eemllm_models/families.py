@@ -72,6 +72,13 @@ FAMILIES = (
                                       "image, or one video frame); the <img>/</img> around each image or frame are "
                                       "text (their hidden states start from their token embeddings). Qwen2 "
                                       "decoder (llama style) or Qwen3's (qwen3 style)."),
+    Family("mistral3", ("mistral3",), "Mistral 3 (Pixtral tower, Mistral decoder): visual = the [IMG] positions "
+                                      "(image_token_index), one per 2 x 2 merged patches. [IMG_BREAK] after each "
+                                      "row of them and [IMG_END] after the last are NOT visual, although the "
+                                      "processor counts them among its image tokens: the model puts image "
+                                      "features only at [IMG] positions, so their hidden states come from the "
+                                      "token embedding, not the vision tower, and freezing them would freeze "
+                                      "text."),
 )
 REFUSED = {
     "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "

@@ -19,6 +19,9 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -41,6 +44,11 @@ CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
             patch_size=8)
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
 QWEN_GRID = (1, 4, 4)  # 16 px images, 4 px patches, merged 2x2 into 4 visual tokens
+MARKER_VOCAB = 80
+"""Vocabulary of the families whose processors lay image marker tokens out: ids ``VOCAB..`` are those
+markers, so no random word (drawn from ``FIRST_WORD..VOCAB``) is one."""
+IMG_BREAK, IMG_END = 64, 65  # Pixtral (Mistral3): after each row of image tokens; after the last row instead
+PIXTRAL_SIZES = ((48, 32), (32, 64), (32, 32))  # image heights x widths in turn: one token per 16 px square
 
 
 def _finish(model: PreTrainedModel, attn: str) -> PreTrainedModel:
@@ -117,6 +125,17 @@ def tiny_internvl(seed: int = 0, attn: str = "sdpa", decoder: str = "qwen2") -> 
     return _finish(InternVLForConditionalGeneration(config), attn)
 
 
+def tiny_mistral3(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """Mistral 3: Pixtral tower (8 px patches, 2D rotary, images of any size up to 64 px), patch merger
+    (2 x 2 patches into one token), Mistral decoder."""
+    torch.manual_seed(seed)
+    vision = {**CLIP, "model_type": "pixtral", "image_size": 64, "head_dim": 16}
+    text = MistralConfig(**{**TEXT, "vocab_size": MARKER_VOCAB}, head_dim=16, sliding_window=None)
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                            spatial_merge_size=2)
+    return _finish(Mistral3ForConditionalGeneration(config), attn)
+
+
 def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
     """Token ids with ``counts[b][i]`` image tokens (between ``markers``) for image ``i`` of row ``b``, and the
     padding mask."""
@@ -188,6 +207,28 @@ def internvl_batch(model, batch: int, images: int, seed: int = 0, padding: str =
     return {**inputs, "pixel_values": pixel_values}
 
 
+def mistral3_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """Mistral 3: images of the sizes ``PIXTRAL_SIZES`` in turn, laid out as the Pixtral processor does: each row
+    of ``[IMG]`` tokens followed by ``[IMG_BREAK]``, the last row by ``[IMG_END]`` instead; ``pixel_values``
+    ``[images, 3, tallest, widest]`` zero-padded past each image and ``image_sizes`` ``[images, 2]``; the token
+    count of each image from the model's own features, its row width from its size."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    sizes = torch.tensor([PIXTRAL_SIZES[k % len(PIXTRAL_SIZES)] for k in range(batch * images)])
+    pixel_values = torch.zeros(batch * images, 3, *sizes.max(0).values.tolist())
+    for k, (height, width) in enumerate(sizes.tolist()):
+        pixel_values[k, :, :height, :width] = torch.randn(3, height, width, generator=g)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+    token_size = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    blocks = []
+    for (_, width), image in zip(sizes.tolist(), features):
+        cols = width // token_size
+        tokens = ([IMAGE_TOKEN] * cols + [IMG_BREAK]) * (len(image) // cols)
+        blocks.append(tokens[:-1] + [IMG_END])
+    inputs = _assemble_blocks([blocks[b * images:(b + 1) * images] for b in range(batch)], seed, padding)
+    return {**inputs, "pixel_values": pixel_values, "image_sizes": sizes}
+
+
 FAMILIES = {
     "llava": (tiny_llava, llava_batch),
     "llava_next": (tiny_llava_next, anyres_batch),
@@ -197,4 +238,5 @@ FAMILIES = {
     "qwen3_vl": (tiny_qwen3_vl, qwen_batch),
     "internvl": (tiny_internvl, internvl_batch),
     "internvl_qwen3": (lambda seed=0, attn="sdpa": tiny_internvl(seed, attn, decoder="qwen3"), internvl_batch),
+    "mistral3": (tiny_mistral3, mistral3_batch),
 }
