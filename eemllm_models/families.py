@@ -79,6 +79,10 @@ FAMILIES = (
                                       "features only at [IMG] positions, so their hidden states come from the "
                                       "token embedding, not the vision tower, and freezing them would freeze "
                                       "text."),
+    Family("llava_next_video", ("llava_next_video",), "LLaVA-NeXT-Video: visual = the <image> positions (anyres "
+                                                      "images, their image-newline features included, as "
+                                                      "LLaVA-NeXT) and the <video> positions (video_token_index: "
+                                                      "each frame's features pooled by spatial_pool_stride)."),
 )
 REFUSED = {
     "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "

@@ -17,6 +17,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Mistral3Config,
@@ -136,6 +138,16 @@ def tiny_mistral3(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
     return _finish(Mistral3ForConditionalGeneration(config), attn)
 
 
+def tiny_llava_next_video(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """LLaVA-NeXT-Video: anyres images as LLaVA-NeXT, and videos whose frames are pooled 2 x 2 into 4 tokens."""
+    torch.manual_seed(seed)
+    config = LlavaNextVideoConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT),
+                                  image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE_TOKEN,
+                                  video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="default")
+    return _finish(LlavaNextVideoForConditionalGeneration(config), attn)
+
+
 def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
     """Token ids with ``counts[b][i]`` image tokens (between ``markers``) for image ``i`` of row ``b``, and the
     padding mask."""
@@ -172,14 +184,20 @@ def llava_batch(model, batch: int, images: int, seed: int = 0, padding: str = "l
     return {**inputs, "pixel_values": torch.randn(batch * images, 3, 32, 32, generator=g)}
 
 
+def _anyres_images(model, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` anyres images of alternating aspect ratios: ``pixel_values`` ``[n, 3 tiles, 3, 32, 32]``,
+    ``image_sizes`` ``[n, 2]`` and each image's token count, from the model's own features."""
+    sizes = torch.tensor([[32, 64], [64, 32]] * n)[:n]
+    pixel_values = torch.randn(n, 3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+    return pixel_values, sizes, [len(f) for f in features]
+
+
 def anyres_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
     """LLaVA-NeXT / OneVision: images of alternating aspect ratios; token counts from the model's own features."""
     g = torch.Generator().manual_seed(seed + 1000)
-    sizes = torch.tensor([[32, 64], [64, 32]] * (batch * images))[: batch * images]
-    pixel_values = torch.randn(batch * images, 3, 3, 32, 32, generator=g)
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
-    counts = [len(f) for f in features]
+    pixel_values, sizes, counts = _anyres_images(model, batch * images, g)
     inputs = _assemble([counts[b * images:(b + 1) * images] for b in range(batch)], seed, padding)
     return {**inputs, "pixel_values": pixel_values, "image_sizes": sizes}
 
@@ -229,6 +247,21 @@ def mistral3_batch(model, batch: int, images: int, seed: int = 0, padding: str =
     return {**inputs, "pixel_values": pixel_values, "image_sizes": sizes}
 
 
+def video_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT-Video: the anyres images of :func:`anyres_batch`, then in every other row (0, 2, ...) a
+    2-frame video: ``pixel_values_videos`` ``[videos, 2 frames, 3, 32, 32]``, its ``<video>`` token count from
+    the model's own (pooled) video features."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    pixel_values, sizes, counts = _anyres_images(model, batch * images, g)
+    videos = torch.randn((batch + 1) // 2, 2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        per_video = model.model.get_video_features(pixel_values_videos=videos).pooler_output.shape[1]
+    blocks = [[[IMAGE_TOKEN] * n for n in counts[b * images:(b + 1) * images]]
+              + ([[VIDEO_TOKEN] * per_video] if b % 2 == 0 else []) for b in range(batch)]
+    return {**_assemble_blocks(blocks, seed, padding), "pixel_values": pixel_values, "image_sizes": sizes,
+            "pixel_values_videos": videos}
+
+
 FAMILIES = {
     "llava": (tiny_llava, llava_batch),
     "llava_next": (tiny_llava_next, anyres_batch),
@@ -239,4 +272,5 @@ FAMILIES = {
     "internvl": (tiny_internvl, internvl_batch),
     "internvl_qwen3": (lambda seed=0, attn="sdpa": tiny_internvl(seed, attn, decoder="qwen3"), internvl_batch),
     "mistral3": (tiny_mistral3, mistral3_batch),
+    "llava_next_video": (tiny_llava_next_video, video_batch),
 }
