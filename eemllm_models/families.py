@@ -83,6 +83,16 @@ FAMILIES = (
                                                       "images, their image-newline features included, as "
                                                       "LLaVA-NeXT) and the <video> positions (video_token_index: "
                                                       "each frame's features pooled by spatial_pool_stride)."),
+    Family("idefics3", ("idefics3",), "Idefics3: Llama decoder at model.model.text_model; visual = the <image> "
+                                      "positions (image_token_id), image_seq_len per sub-image (rows x cols crops, "
+                                      "then the global image); <fake_token_around_image>, <row_i_col_j>, "
+                                      "<global-img> and the newlines between rows are text (token embeddings).",
+           language_model="text_model"),
+    Family("smolvlm", ("smolvlm",), "SmolVLM: as Idefics3 (Llama decoder at model.model.text_model; visual = "
+                                    "the <image> positions of every sub-image; <fake_token_around_image>, "
+                                    "<row_i_col_j>, <global-img> are text); a video's frames are laid out as "
+                                    "single images, so their features sit at <image> positions too.",
+           language_model="text_model"),
 )
 REFUSED = {
     "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "

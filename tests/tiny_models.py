@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -33,6 +35,8 @@ from transformers import (
     Qwen3Config,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 PAD, BOS, EOS = 0, 1, 2
@@ -50,6 +54,9 @@ MARKER_VOCAB = 80
 """Vocabulary of the families whose processors lay image marker tokens out: ids ``VOCAB..`` are those
 markers, so no random word (drawn from ``FIRST_WORD..VOCAB``) is one."""
 IMG_BREAK, IMG_END = 64, 65  # Pixtral (Mistral3): after each row of image tokens; after the last row instead
+# Idefics3 / SmolVLM: <fake_token_around_image>, <global-img>, "\n", <row_i_col_j> = ROW_COL + (i - 1) * MAX_GRID + j - 1
+FAKE_AROUND_IMAGE, GLOBAL_IMAGE, NEWLINE, ROW_COL, MAX_GRID = 66, 67, 68, 69, 3
+IDEFICS_GRIDS = ((1, 2), (2, 2), (2, 1))  # rows x cols of sub-images per image, in turn
 PIXTRAL_SIZES = ((48, 32), (32, 64), (32, 32))  # image heights x widths in turn: one token per 16 px square
 
 
@@ -146,6 +153,28 @@ def tiny_llava_next_video(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
                                   video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
                                   vision_feature_select_strategy="default")
     return _finish(LlavaNextVideoForConditionalGeneration(config), attn)
+
+
+def _tiny_idefics(config_class, model_class, seed: int, attn: str) -> PreTrainedModel:
+    """Idefics3 / SmolVLM: SigLIP-style tower (a 32 px sub-image is 16 patches, pixel-shuffled into 4 tokens),
+    Llama decoder at ``model.model.text_model``. The connector's random weights are scaled by 0.1, so image
+    features are about as large as token embeddings (at the default init they are ~13x larger and the layers
+    barely change the visual rows: visual LC ~1e-6)."""
+    torch.manual_seed(seed)
+    config = config_class(vision_config=CLIP, text_config=LlamaConfig(**{**TEXT, "vocab_size": MARKER_VOCAB}),
+                          image_token_id=IMAGE_TOKEN, scale_factor=2, pad_token_id=PAD)
+    model = model_class(config)
+    with torch.no_grad():
+        model.model.connector.modality_projection.proj.weight.mul_(0.1)
+    return _finish(model, attn)
+
+
+def tiny_idefics3(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    return _tiny_idefics(Idefics3Config, Idefics3ForConditionalGeneration, seed, attn)
+
+
+def tiny_smolvlm(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    return _tiny_idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn)
 
 
 def _assemble(counts: list[list[int]], seed: int, padding: str, markers: tuple[list[int], list[int]] = ([], [])):
@@ -262,6 +291,38 @@ def video_batch(model, batch: int, images: int, seed: int = 0, padding: str = "l
             "pixel_values_videos": videos}
 
 
+def idefics_image_tokens(rows: int, cols: int, per_subimage: int) -> list[int]:
+    """One image split into ``rows`` x ``cols`` sub-images and the global image, as the Idefics3 and SmolVLM
+    processors lay it out: ``<fake><row_1_col_1><image>*n<fake><row_1_col_2><image>*n\\n ... \\n`` per row,
+    then ``\\n<fake><global-img><image>*n<fake>``."""
+    ids = []
+    for i in range(rows):
+        for j in range(cols):
+            ids += [FAKE_AROUND_IMAGE, ROW_COL + i * MAX_GRID + j] + [IMAGE_TOKEN] * per_subimage
+        ids.append(NEWLINE)
+    return ids + [NEWLINE, FAKE_AROUND_IMAGE, GLOBAL_IMAGE] + [IMAGE_TOKEN] * per_subimage + [FAKE_AROUND_IMAGE]
+
+
+def idefics_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """Idefics3 / SmolVLM: image ``i`` of row ``b`` split into ``IDEFICS_GRIDS[(b + i) % 3]`` sub-images plus
+    the global image (:func:`idefics_image_tokens`); ``pixel_values`` ``[batch, most sub-images in a row, 3, 32,
+    32]`` with all-zero padding sub-images (which the model drops) and the processor's ``pixel_attention_mask``
+    ``[batch, most sub-images, 32, 32]``; the tokens per sub-image from the model's own features."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    grids = [[IDEFICS_GRIDS[(b + i) % len(IDEFICS_GRIDS)] for i in range(images)] for b in range(batch)]
+    subimages = [sum(rows * cols + 1 for rows, cols in row) for row in grids]
+    pixel_values = torch.zeros(batch, max(subimages), 3, 32, 32)
+    pixel_mask = torch.zeros(batch, max(subimages), 32, 32, dtype=torch.long)
+    for b, n in enumerate(subimages):
+        pixel_values[b, :n] = torch.randn(n, 3, 32, 32, generator=g)
+        pixel_mask[b, :n] = 1
+    with torch.no_grad():
+        per_subimage = len(model.model.get_image_features(pixel_values=pixel_values[:1, :1]).pooler_output[0])
+    blocks = [[idefics_image_tokens(rows, cols, per_subimage) for rows, cols in row] for row in grids]
+    return {**_assemble_blocks(blocks, seed, padding), "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_mask}
+
+
 FAMILIES = {
     "llava": (tiny_llava, llava_batch),
     "llava_next": (tiny_llava_next, anyres_batch),
@@ -273,4 +334,6 @@ FAMILIES = {
     "internvl_qwen3": (lambda seed=0, attn="sdpa": tiny_internvl(seed, attn, decoder="qwen3"), internvl_batch),
     "mistral3": (tiny_mistral3, mistral3_batch),
     "llava_next_video": (tiny_llava_next_video, video_batch),
+    "idefics3": (tiny_idefics3, idefics_batch),
+    "smolvlm": (tiny_smolvlm, idefics_batch),
 }
