@@ -1,9 +1,8 @@
 """Decoder-layer forwards that run one mode for visual tokens: fast paths and their references.
 
 Every function here takes the decoder layer (any style of :mod:`eemllm_models.anatomy`: its
-queries, keys and values are formed by the layer's style; ``input_layernorm``, ``self_attn.o_proj``,
-``post_attention_layernorm`` and ``mlp`` are what every style has) and the arguments the model
-passes to it, plus the batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes:
+queries, keys and values, its attention residual and its feed-forward block are the style's steps;
+``input_layernorm`` is what every style has) and the arguments the model passes to it, plus the batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes:
 ``hidden_states`` ``[batch, seq, hidden]``; ``attention_mask`` is whatever the model built for
 its attention implementation: ``None`` (plain causal), a bool ``[batch|1, 1, seq, keys]``
 (``sdpa``: True = attend) or an additive float mask of that shape (``eager``).
@@ -355,12 +354,14 @@ class CallCache:
         self._derived: dict[Any, tuple[tuple, Any]] = {}
 
     def derived(self, name: Any, sources: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()``, computed once per ``name`` while ``sources`` are the same objects."""
-        hit = self._derived.get(name)
-        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
+        """``compute()``, computed once per ``name`` and ``sources`` (the same objects): layers that get
+        different masks or rotary tables (Gemma 3's sliding-window and global layers) each keep theirs."""
+        key = (name, tuple(id(source) for source in sources))
+        hit = self._derived.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
             return hit[1]
         value = compute()
-        self._derived[name] = (sources, value)
+        self._derived[key] = (sources, value)
         return value
 
     def rotary(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> _RotaryTables:
@@ -423,11 +424,12 @@ def _attention_function(attn: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _check_llama_style(position_embeddings) -> None:
+def _check_rotary(position_embeddings) -> None:
     if position_embeddings is None or position_embeddings[0].dim() != 3:
         raise NotImplementedError(
-            "eemllm's layer modes support decoders with Llama-style rotary embeddings (LLaVA, LLaVA-NeXT, "
-            "Mistral/Qwen2 text models); this model passes a different position embedding (e.g. Qwen2-VL's M-RoPE)"
+            "eemllm's layer modes need the rotary tables a decoder layer gets as position_embeddings=(cos, sin), "
+            "each [batch, seq, head_dim]; this model passes none or another form. Recompose them in its family's "
+            "rotary module (as Qwen2-VL's M-RoPE does) or add a LayerStyle step for them in eemllm_models/anatomy.py"
         )
 
 
@@ -505,7 +507,7 @@ def fast_forward(
     run); a fresh one for ``layout`` and ``split`` when None. ``kwargs``: the rest of the layer's
     keyword arguments (its KV cache among them). Returns ``[batch, seq, hidden]``.
     """
-    _check_llama_style(position_embeddings)
+    _check_rotary(position_embeddings)
     cache = CallCache(layout, split) if call_cache is None else call_cache
     kv_cache = layer_kv_cache(kwargs)
     if mode == "frozen":
@@ -532,8 +534,10 @@ def _frozen_forward(layer, cache: CallCache, hidden_states, attention_mask, posi
     rotary = cache.rotary(position_embeddings)
     normed = layer.input_layernorm(hidden_states)
     kv = _keys_values(layer, normed, rotary.all, kv_cache)
-    rows = text + attn.o_proj(_other_attention(layer, cache, normed, kv, attention_mask, rotary.other))
-    rows = rows + layer.mlp(layer.post_attention_layernorm(rows))
+    style = style_of(layer)
+    rows = style.attention_residual(layer, text, _other_attention(layer, cache, normed, kv, attention_mask,
+                                                                  rotary.other))
+    rows = style.feed_forward(layer, rows)
     out = hidden_states if continuing else hidden_states.clone(memory_format=torch.contiguous_format)
     other.put_(out, rows)
     if not out.requires_grad and not _hooked(layer):
@@ -563,8 +567,8 @@ def _visual_forward(layer, mode: str, cache: CallCache, hidden_states, attention
         attn_out = torch.empty(batch, seq, out_other.shape[-1], dtype=out_other.dtype, device=out_other.device)
         split.other_rows.put_(attn_out, out_other)
         split.visual_rows.put_(attn_out, out_visual)
-    out = hidden_states + attn.o_proj(attn_out)
-    return out + layer.mlp(layer.post_attention_layernorm(out))
+    style = style_of(layer)
+    return style.feed_forward(layer, style.attention_residual(layer, hidden_states, attn_out))
 
 
 def _naavit_selection(cache: CallCache, attention_mask, seq: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -639,8 +643,17 @@ def reference_forward(
         out = original(hidden_states, attention_mask=attention_mask, **kwargs)
         return torch.where(layout.visual[..., None], hidden_states, out)
     batch, seq, _ = hidden_states.shape
-    past = layer_kv_cache(kwargs)
-    keys = seq + (past.get_seq_length(layer.self_attn.layer_idx) if past is not None else 0)
+    keys = _key_count(layer, seq, attention_mask, layer_kv_cache(kwargs))
     allowed = allowed_keys(attention_mask, batch, seq, keys, hidden_states.device)
     mask = as_model_mask(mode_mask(mode, layout, allowed), attention_mask, hidden_states.dtype)
     return original(hidden_states, attention_mask=mask, **kwargs)
+
+
+def _key_count(layer: torch.nn.Module, seq: int, attention_mask: torch.Tensor | None, kv_cache) -> int:
+    """How many keys the layer's attention sees for ``seq`` new tokens: the width of the model's mask, or
+    the KV cache's own count for this layer (a sliding-window layer's cache keeps only its window)."""
+    if attention_mask is not None:
+        return attention_mask.shape[-1]
+    if kv_cache is None:
+        return seq
+    return kv_cache.get_mask_sizes(seq, layer.self_attn.layer_idx)[0]
