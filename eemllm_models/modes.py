@@ -464,7 +464,6 @@ class _KeysValues:
 def _keys_values(layer, normed: torch.Tensor, rotary: Rotary, kv_cache) -> _KeysValues:
     """Keys (rotated) and values of every row of ``normed`` ``[batch, seq, hidden]``, into the KV cache."""
     attn = layer.self_attn
-    batch, seq, _ = normed.shape
     style = style_of(layer)
     new_key = rotary.apply(style.keys(attn, normed))
     new_value = style.values(attn, normed)
@@ -595,7 +594,7 @@ def _naavit_visual_attention(layer, cache: CallCache, normed, kv: _KeysValues, a
     Scores are formed only for those keys, so the visual x visual block is never computed.
     """
     attn = layer.self_attn
-    batch, seq, _ = normed.shape
+    seq = normed.shape[1]
     keys, head_dim, groups = kv.key.shape[2], attn.head_dim, attn.num_key_value_groups
     visual = cache.split.visual_rows
     q = rotary.apply(style_of(layer).queries(attn, visual.take(normed))).transpose(1, 2)
