@@ -93,12 +93,16 @@ FAMILIES = (
                                     "<row_i_col_j>, <global-img> are text); a video's frames are laid out as "
                                     "single images, so their features sit at <image> positions too.",
            language_model="text_model"),
+    Family("gemma3", ("gemma3",), "Gemma 3: the gemma3 decoder style (sandwich norms, q/k norms, query_pre_attn_scalar, "
+                                  "sliding-window and global layers); visual = the image token's positions (the "
+                                  "begin/end-of-image tokens are text). Inside an image the model attends "
+                                  "bidirectionally (token_type_ids); naavit removes that whole visual x visual block, "
+                                  "earlier and later image tokens alike (a visual query keeps the text before it and "
+                                  "itself), composite keeps only itself, and frozen leaves the visual rows as they are."),
 )
 REFUSED = {
     "qwen3_vl_moe": "Qwen3-VL-MoE's sparse mixture-of-experts feed-forward is not checked against the layer modes "
                     "yet (only the dense qwen3_vl is)",
-    "gemma3": "Gemma 3's decoder (sandwich norms, query_pre_attn_scalar, sliding windows, bidirectional image "
-              "attention) has no eemllm layer style yet",
 }
 """Model types refused with the reason, rather than run with a recipe that does not fit them."""
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -35,6 +38,7 @@ from transformers import (
     Qwen3Config,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
 )
@@ -123,6 +127,26 @@ def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
                            video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
                            vision_end_token_id=VISION_END)
     return _finish(Qwen3VLForConditionalGeneration(config), attn)
+
+
+def tiny_gemma3(seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """Gemma 3: the gemma3 decoder style (q/k norms, sandwich norms, query_pre_attn_scalar), sliding-window
+    layers (window 8, shorter than the prompts) beside global ones, a SigLIP tower pooled to 4 tokens per
+    image, bidirectional attention inside an image. Norm weights are random, so a swapped norm shows, and so is
+    the projector (Gemma 3 initialises it to zeros, which would make every image the same)."""
+    torch.manual_seed(seed)
+    text = Gemma3TextConfig(**{**TEXT, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                               "layer_types": ["sliding_attention", "full_attention"] * 2})
+    vision = SiglipVisionConfig(**{**CLIP, "image_size": 16, "patch_size": 4})
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and "language_model" in name:
+                parameter.normal_(0.0, 0.5)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return _finish(model, attn)
 
 
 def tiny_internvl(seed: int = 0, attn: str = "sdpa", decoder: str = "qwen2") -> PreTrainedModel:
@@ -241,6 +265,15 @@ def qwen_batch(model, batch: int, images: int, seed: int = 0, padding: str = "le
             "image_grid_thw": torch.tensor([QWEN_GRID] * n)}
 
 
+def gemma3_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """Gemma 3: 4 image tokens per image between its begin/end-of-image text tokens, and the processor's
+    ``token_type_ids`` (1 at image tokens: the model attends bidirectionally inside each image)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    inputs = _assemble([[4] * images] * batch, seed, padding, ([VISION_START], [VISION_END]))
+    return {**inputs, "token_type_ids": (inputs["input_ids"] == IMAGE_TOKEN).long(),
+            "pixel_values": torch.randn(batch * images, 3, 16, 16, generator=g)}
+
+
 def internvl_batch(model, batch: int, images: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
     """InternVL: image ``i`` of row ``b`` is ``1 + (b + i) % 3`` tiles of 32 px (the processor's crops and
     thumbnail), laid out as the processor does: ``<img> <IMG_CONTEXT> x (tokens per tile x tiles) </img>``;
@@ -330,6 +363,7 @@ FAMILIES = {
     "qwen2_vl": (tiny_qwen2_vl, qwen_batch),
     "qwen2_5_vl": (lambda seed=0, attn="sdpa": tiny_qwen2_vl(seed, attn, version="2.5"), qwen_batch),
     "qwen3_vl": (tiny_qwen3_vl, qwen_batch),
+    "gemma3": (tiny_gemma3, gemma3_batch),
     "internvl": (tiny_internvl, internvl_batch),
     "internvl_qwen3": (lambda seed=0, attn="sdpa": tiny_internvl(seed, attn, decoder="qwen3"), internvl_batch),
     "mistral3": (tiny_mistral3, mistral3_batch),
