@@ -16,13 +16,27 @@ def build_prompt(processor: ProcessorMixin, question: str, n_images: int = 1) ->
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def images_per_prompt(processor: ProcessorMixin, images: Sequence[Image.Image],
+                      prompts: Sequence[str]) -> list[list[Image.Image]] | list[Image.Image]:
+    """``images`` (in prompt order) as one list per prompt, each taking as many as its text holds the
+    processor's image placeholder: Gemma 3's processor reads a flat list as all of one prompt's images.
+    Left flat when the placeholders do not account for every image or a prompt has none."""
+    images = list(images)
+    token = getattr(processor, "image_token", None)
+    counts = [prompt.count(token) for prompt in prompts] if token else []
+    if not counts or min(counts) == 0 or sum(counts) != len(images):
+        return list(images)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [images[start:start + count] for start, count in zip(starts, counts)]
+
+
 def encode_prompts(model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image] | None,
                    prompts: Sequence[str], padding_side: str | None = None):
     """``processor`` output for ``prompts`` and their ``images``, padded (on ``padding_side``, default the
     tokenizer's), on ``model``'s device with pixel inputs in its dtype: ``input_ids`` ``[batch, seq]``, ..."""
     side = {} if padding_side is None else {"padding_side": padding_side}
-    batch = processor(images=None if images is None else list(images), text=list(prompts), return_tensors="pt",
-                      padding=True, **side).to(model.device)
+    grouped = None if images is None else images_per_prompt(processor, images, prompts)
+    batch = processor(images=grouped, text=list(prompts), return_tensors="pt", padding=True, **side).to(model.device)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     return batch
