@@ -308,13 +308,19 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _flops(args: argparse.Namespace) -> int:
     from eemllm_models import EfficiencyPlan
+    from eemllm_models.apply import CONFIG_KEY
 
     from analyses.measuring.flops import load_config, visual_tokens_per_image
     from analyses.measuring.tokens import resolve_token_counts
 
     config = load_config(args.model)
     n_layers = config.get_text_config().num_hidden_layers
-    plan = _plan_for(n_layers, args.plan)
+    carried = getattr(config, CONFIG_KEY, None)
+    if carried is not None and args.plan is None:  # a pruned model (eemllm prune) counts the plan it carries
+        plan = EfficiencyPlan.from_dict(carried)
+        args.plan = "of the pruned model"
+    else:
+        plan = _plan_for(n_layers, args.plan)
     plan.check_layers(n_layers, f"--model {args.model}")
     visual = args.visual_tokens
     if visual is None and args.images != 1:
@@ -717,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--model", required=True,
                        help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, default, or a config path / "
                             "hub id")
-    flops.add_argument("--plan", default=None, help="a preset (shortv:llava-1.5-7b, ...) or a plan JSON file")
+    flops.add_argument("--plan", default=None,
+                       help="a preset (shortv:llava-1.5-7b, ...) or a plan JSON file (default: the plan a pruned "
+                            "--model carries, else none)")
     flops.add_argument("--convention", default="shortv", choices=("shortv", "full"),
                        help="shortv: the paper's attention + MLP count (default); full: every part of a generate() "
                             "call, prefill and per decoded token")

@@ -1,4 +1,5 @@
-"""lmms-eval model plugin: run the papers' own harness on any HF LLaVA-family checkpoint under a plan.
+"""lmms-eval model plugin: run the papers' own harness under a plan on a checkpoint of any supported family
+(LLaVA, Qwen-VL, InternVL, Idefics3, SmolVLM, Gemma 3, ...: ``eemllm_models.families.FAMILIES``).
 
 Install the extra (``pip install "eemllm[lmms]"``); lmms-eval then finds the model ``eemllm``
 through the ``lmms_eval.models`` entry point (:func:`manifest`)::
