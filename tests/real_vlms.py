@@ -189,3 +189,5 @@ VLMS = {
     "smollm2_llava": (smollm2_llava, build_batch),
     "gemma3": (gemma3_vlm, build_batch),
 }
+REAL_LANGUAGE_MODELS = {"llava": "SmolLM2-135M-Instruct (`smollm2_llava`)", "gemma3": "Gemma-3-270M (`gemma3`)"}
+"""Family -> the real language model its test VLM of :data:`VLMS` runs (README's support table)."""

@@ -6,13 +6,13 @@ import torch
 from eemllm_models import EfficiencyPlan, apply_plan, token_layout
 from eemllm_models.families import family_of
 from eemllm_models.modes import RowSplit, fast_forward
-from tiny_models import FAMILIES, FIRST_WORD, IMAGE_TOKEN
+from tiny_models import FAMILIES, FIRST_WORD, IMAGE_TOKEN, family_variants
 
 MODES = ("frozen", "naavit", "composite")
 
 
-@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("sdpa", "eager")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[pytest.param(p.values, id=p.id, marks=p.marks)
+                                        for p in family_variants("sdpa", "eager")])
 def model(request):
     family, attn = request.param
     build_model, build_batch = FAMILIES[family]

@@ -9,7 +9,7 @@ from eemllm_models.zoo import build
 from probes.attention import attention_statistics_batch
 from probes.contribution import GROUPS, reference_contributions, sweep_contributions
 from probes.runner import PromptedBatch
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, family_variants
 
 INTERVENTIONS = (*GROUPS, "frozen", "naavit", "composite")
 
@@ -27,8 +27,7 @@ def _tiny(family: str, attn: str = "sdpa", batch: int = 3, images: int = 2, answ
     return model, PromptedBatch(list(range(batch)), inputs, positions, mask)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("answer_positions", [False, True])
+@pytest.mark.parametrize(("family", "answer_positions"), family_variants(False, True))
 def test_sweep_equals_full_forward_reference(family, answer_positions):
     model, batch = _tiny(family, answer_positions=answer_positions)
     with torch.no_grad():

@@ -12,15 +12,15 @@ from eemllm_models.zoo import build
 from probes.attention import attention_statistics_batch
 from probes.contribution import GROUPS, reference_contributions, sweep_contributions
 from test_probes import _tiny
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, family_variants
 
 INTERVENTIONS = (*GROUPS, "frozen", "naavit", "composite")
 MIXED = ["frozen", "naavit", "full", "composite"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("modes", [MIXED, ["full", "frozen", "frozen", "full"]], ids=["mixed", "frozen-run"])
-def test_sweep_equals_reference_on_a_planned_model(family, modes):
+@pytest.mark.parametrize(("family", "plan_name"), family_variants("mixed", "frozen-run"))
+def test_sweep_equals_reference_on_a_planned_model(family, plan_name):
+    modes = {"mixed": MIXED, "frozen-run": ["full", "frozen", "frozen", "full"]}[plan_name]
     model, batch = _tiny(family)
     plan = EfficiencyPlan(modes)
     with torch.no_grad(), plan.applied(model):

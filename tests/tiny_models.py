@@ -371,3 +371,19 @@ FAMILIES = {
     "idefics3": (tiny_idefics3, idefics_batch),
     "smolvlm": (tiny_smolvlm, idefics_batch),
 }
+CORE_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl", "gemma3")
+"""One family per decoder style (llama, qwen3, gemma3) and rotary kind (Qwen2-VL's M-RoPE)."""
+
+
+def family_variants(first, *others) -> list:
+    """pytest parameters ``(family, variant)``: every family with the ``first`` variant in the main run;
+    with each of the ``others`` (variants that exercise family-agnostic code: eager attention, answer
+    positions, a second plan), the :data:`CORE_FAMILIES` in the main run and the rest in the slow step
+    (``pytest -m slow``), so the whole matrix still runs in CI."""
+    import pytest
+
+    params = [pytest.param(family, first, id=f"{family}-{first}") for family in FAMILIES]
+    for variant in others:
+        params += [pytest.param(family, variant, id=f"{family}-{variant}",
+                                marks=() if family in CORE_FAMILIES else pytest.mark.slow) for family in FAMILIES]
+    return params
