@@ -11,9 +11,18 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 
 def build_prompt(processor: ProcessorMixin, question: str, n_images: int = 1) -> str:
-    """The processor's chat-template prompt for one user turn with ``n_images`` images first."""
+    """The processor's chat-template prompt for one user turn with ``n_images`` images first.
+
+    A template that writes the BOS token itself (Gemma 3's, Llama 3's) has it removed when the
+    tokenizer adds one on encoding, so the encoded prompt starts with one BOS, not two."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+        return text[len(bos):]
+    return text
 
 
 def images_per_prompt(processor: ProcessorMixin, images: Sequence[Image.Image],

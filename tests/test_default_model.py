@@ -125,3 +125,23 @@ def test_unknown_model_name_offline_says_what_to_do():
 def test_load_default_is_eval_mode_fp32(default_model):
     model, _ = default_model
     assert not model.training and model.dtype == torch.float32
+
+
+def test_a_chat_template_that_writes_bos_gives_one_bos_when_the_tokenizer_adds_it_too():
+    """Gemma 3's and Llama 3's templates start with ``{{ bos_token }}`` and their tokenizers add BOS on encoding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<bos>", "<image>", "user", "Hi", "model"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(["<bos>", "<image>"])
+    template = ("{{ bos_token }}{% for m in messages %}user {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} model")
+    for adds_bos in (True, False):
+        if adds_bos:
+            core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", unk_token="<unk>",
+                                            chat_template=template)
+        ids = tokenizer(build_prompt(tokenizer, "Hi")).input_ids
+        assert ids == [1, 3, 2, 4, 5], (adds_bos, ids)
