@@ -176,3 +176,34 @@ def test_idefics3_processor_batch_has_the_tiny_batches_layout(padding):
         assert batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist() == expected
     assert (2, 2) in set(zip(grids["rows"][0], grids["cols"][0]))  # several rows and columns of sub-images
     _check_layout("idefics3", model, dict(batch))
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_qwen3_vl_images_and_videos_in_one_prompt(padding):
+    """Qwen3-VL with an image and a video per prompt: image and video positions are visual, as many as the
+    model's features; the modes' fast paths equal their references, and cached generation equals
+    recomputing under a plan."""
+    from eemllm_models import EfficiencyPlan
+    from tiny_models import VIDEO_TOKEN, qwen3_vl_video_batch
+
+    model = FAMILIES["qwen3_vl"][0](seed=0)
+    batch = qwen3_vl_video_batch(model, 3, seed=1, padding=padding)
+    layout = token_layout(model, batch["input_ids"], batch["attention_mask"])
+    video = batch["input_ids"] == VIDEO_TOKEN
+    assert bool(video.any(-1).all()) and bool(layout.visual[video].all())
+    assert torch.equal(layout.visual, _filled_with_features(model, batch))
+    assert int(layout.n_visual.sum()) == _feature_count(model, batch)
+    valid = batch["attention_mask"].bool()
+    for mode in ("frozen", "naavit", "composite"):
+        plan = EfficiencyPlan.from_layers(4, {0: mode, 2: mode, 3: "frozen"})
+        with torch.no_grad():
+            with plan.applied(model, "reference"):
+                reference = model(**batch).logits
+            with plan.applied(model):
+                fast = model(**batch).logits
+        torch.testing.assert_close(fast[valid], reference[valid], rtol=1e-5, atol=1e-5)
+    words = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": list(range(FIRST_WORD))}
+    with torch.no_grad(), EfficiencyPlan.from_layers(4, {1: "frozen", 2: "naavit"}).applied(model):
+        cached = model.generate(**batch, **words, use_cache=True)
+        recomputed = model.generate(**batch, **words, use_cache=False)
+    assert torch.equal(cached, recomputed)

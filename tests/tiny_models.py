@@ -356,6 +356,26 @@ def idefics_batch(model, batch: int, images: int, seed: int = 0, padding: str = 
             "pixel_attention_mask": pixel_mask}
 
 
+def qwen3_vl_video_batch(model, batch: int, seed: int = 0, padding: str = "left") -> dict[str, torch.Tensor]:
+    """Qwen3-VL prompts with one image and one 4-frame video each, laid out as its processor does: the image
+    between vision start/end, then each of the video's 2 temporal patches (4 visual tokens after the 2 x 2
+    merge) after a timestamp word, between its own vision start/end; ``mm_token_type_ids`` 1 at image and
+    2 at video tokens (M-RoPE positions)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    t, h, w = QWEN_GRID
+    per_frame = h * w // 4
+    image = [VISION_START] + [IMAGE_TOKEN] * (t * per_frame) + [VISION_END]
+    frame = [VISION_START] + [VIDEO_TOKEN] * per_frame + [VISION_END]
+    video = [FIRST_WORD, *frame, FIRST_WORD + 1, *frame]  # a timestamp word before each temporal patch
+    inputs = _assemble_blocks([[image, video]] * batch, seed, padding)
+    kinds = inputs["input_ids"]
+    return {**inputs, "mm_token_type_ids": (kinds == IMAGE_TOKEN).long() + 2 * (kinds == VIDEO_TOKEN).long(),
+            "pixel_values": torch.randn(batch * t * h * w, 3 * 2 * 4 * 4, generator=g),
+            "image_grid_thw": torch.tensor([QWEN_GRID] * batch),
+            "pixel_values_videos": torch.randn(batch * 2 * h * w, 3 * 2 * 4 * 4, generator=g),
+            "video_grid_thw": torch.tensor([(2, h, w)] * batch)}
+
+
 FAMILIES = {
     "llava": (tiny_llava, llava_batch),
     "llava_next": (tiny_llava_next, anyres_batch),

@@ -8,6 +8,8 @@ Two ways to run it (the same command on CPU and on CUDA):
 * the embedded default model on a batch of 8 shapes-vqa prompts (100 visual tokens each);
 * a mid-size random LLaVA (decoder hidden 1024, 24 layers, MLP 2816, 16 heads; a one-layer
   vision tower giving 576 visual tokens) on one prompt of 576 visual + 64 text tokens;
+* a mid-size random Gemma 3 (the gemma3 decoder style: hidden 1024, 24 layers, 5 sliding-window
+  layers of window 512 to each global one) on one prompt of 2 x 256 visual + 68 text tokens;
 
 each with every layer ``frozen``, ``naavit`` or ``composite``, and an empty plan (the toolkit's
 own overhead).
@@ -57,7 +59,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 from eemllm_models import EfficiencyPlan, apply_plan, build_prompt, load_default, load_shapes_vqa, token_layout
 from eemllm_models.files import atomic_write, atomic_write_text
@@ -94,6 +105,28 @@ def mid_size_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, dict[s
     input_ids = torch.cat([ids[:, :5], torch.full((1, 576), IMAGE_TOKEN), ids[:, 5:]], dim=1)
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    "pixel_values": torch.randn(1, 3, 336, 336)}
+
+
+def mid_size_gemma3(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, dict[str, torch.Tensor]]:
+    """A random Gemma 3 with a 1024-wide, 24-layer decoder (8 heads of 128, 4 key/value heads, MLP 2816;
+    five sliding-window layers of window 512 to each global one) and one prompt of two images of 256
+    visual tokens each (attended bidirectionally inside each image) + 64 text tokens."""
+    torch.manual_seed(seed)
+    pattern = ["sliding_attention"] * 5 + ["full_attention"]
+    text = Gemma3TextConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128,
+                            sliding_window=512, layer_types=pattern * 4, max_position_embeddings=2048)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=64, patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=IMAGE_TOKEN + 1,
+                          eoi_token_index=IMAGE_TOKEN + 2)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(100, 32000, (1, 64))
+    image = [IMAGE_TOKEN + 1, *[IMAGE_TOKEN] * 256, IMAGE_TOKEN + 2]
+    input_ids = torch.cat([ids[:, :5], torch.tensor([image]), ids[:, 5:10], torch.tensor([image]), ids[:, 10:]], 1)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   "token_type_ids": (input_ids == IMAGE_TOKEN).long(), "pixel_values": torch.randn(2, 3, 64, 64)}
 
 
 def default_model_batch(n: int = 8) -> tuple[LlavaForConditionalGeneration, dict[str, torch.Tensor]]:
@@ -355,7 +388,8 @@ def _cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """``(label, model, inputs, plans)`` of each model the arguments ask for, built one at a time."""
     if args.config is None:
         for label, build in (("default (embedded)", default_model_batch),
-                             ("mid-size random (h1024, 24 layers)", mid_size_llava)):
+                             ("mid-size random (h1024, 24 layers)", mid_size_llava),
+                             ("mid-size random Gemma 3 (h1024, 24 layers)", mid_size_gemma3)):
             model, inputs = build()
             yield label, model.to(device, dtype), _to(inputs, device, dtype), legacy_plans(model)
         return
