@@ -17,14 +17,20 @@ from eemllm_models.zoo import shapes_vqa
 def _demo(args: argparse.Namespace) -> int:
     from eemllm_models.files import ForeignFolderError, replaceable
 
+    from eemllm_models.zoo import zoo_name
+
     from .demo import run_demo
 
+    if zoo_name(args.model) is None:
+        raise ValueError(f"--model {args.model}: the demo runs a zoo model (--model zoo:default); for your own "
+                         "checkpoint run eemllm probe, plan and evaluate with --model DIR")
     for folder in (args.out / "pruned-model", args.out / "report"):  # refused now, not after the whole run
         if args.overwrite and not replaceable(folder):
             raise ForeignFolderError(folder)
 
     result = run_demo(args.out, n=args.n, seed=args.seed, probe_samples=args.probe_samples,
-                      compare_samples=args.compare_samples, overwrite=args.overwrite)
+                      compare_samples=args.compare_samples, overwrite=args.overwrite,
+                      model_name=zoo_name(args.model))
     frame = result.answers
     print(frame[["qtype", "question", "answer", "prediction", "pruned_prediction"]]
           .assign(question=frame.question.str.split("\n").str[0]).to_string(index=False))
@@ -425,12 +431,13 @@ def _load(args: argparse.Namespace):
 
     from eemllm_models import load_checkpoint
     from eemllm_models.loading import looks_like_path
+    from eemllm_models.zoo import zoo_name
 
     name = str(args.model)
-    if name != "default" and not Path(name).expanduser().exists() and looks_like_path(name):
+    if zoo_name(name) is None and not Path(name).expanduser().exists() and looks_like_path(name):
         raise FileNotFoundError(f"no model folder at {name}; pass --model with the folder of a saved model "
                                 "(save_pretrained, or `eemllm prune --out`), a hub id such as "
-                                "llava-hf/llava-1.5-7b-hf, or --model default for the embedded model")
+                                "llava-hf/llava-1.5-7b-hf, or --model default (zoo:default) for the embedded model")
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
@@ -641,12 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("--model", default="default",
-                         help="model directory (a pruned one comes with its plan) or hub name (default: the embedded one)")
+                         help="model directory (a pruned one comes with its plan), hub name, or zoo:NAME (default: zoo:default, "
+                              "the embedded one)")
     loading.add_argument("--device", default="cpu", action=_Checked, check=_device_problem,
                          help="cpu (default), cuda, cuda:N, mps, or auto (accelerate device_map)")
     loading.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
     demo = commands.add_parser("demo", help="run the main job on the embedded default model")
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo's results")
+    demo.add_argument("--model", default="zoo:default", help="the zoo model to run it on (default: zoo:default, the "
+                                                             "embedded one)")
     _int_option(demo, "--n", 1, default=28, help="number of shapes-vqa test questions (default 28)")
     _int_option(demo, "--seed", 0, default=0, help="seed of the test split (default 0)")
     _int_option(demo, "--probe-samples", 1, default=96,
@@ -721,8 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     flops = commands.add_parser("flops", help="prefill FLOPs of a model under a plan (offline for the paper models)")
     flops.add_argument("--model", required=True,
-                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, default, or a config path / "
-                            "hub id")
+                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-next-13b, default (zoo:default), or a "
+                            "config path / hub id")
     flops.add_argument("--plan", default=None,
                        help="a preset (shortv:llava-1.5-7b, ...) or a plan JSON file (default: the plan a pruned "
                             "--model carries, else none)")

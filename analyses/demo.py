@@ -23,9 +23,9 @@ import pandas as pd
 import xarray as xr
 
 import probes
-from eemllm_models import EfficiencyPlan, load_default, load_shapes_vqa, save_pruned
+from eemllm_models import EfficiencyPlan, load_shapes_vqa, load_zoo, save_pruned
 from eemllm_models.files import atomic_write, atomic_write_json
-from eemllm_models.zoo import shapes_vqa
+from eemllm_models.zoo import shapes_vqa, zoo_name
 
 from analyses.choosing.compare import compare_policies
 from analyses.evaluating.evaluate import answer_frame, scores
@@ -76,8 +76,9 @@ def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
 
 
 def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 96,
-             compare_samples: int = 42, overwrite: bool = False) -> DemoResult:
-    """Run the demo on ``n`` shapes-vqa test questions and write its files to ``out``.
+             compare_samples: int = 42, overwrite: bool = False, model_name: str = "default") -> DemoResult:
+    """Run the demo of zoo model ``model_name`` (``default``: the embedded one; see
+    :func:`eemllm_models.load_zoo`) on ``n`` shapes-vqa test questions and write its files to ``out``.
 
     Files: ``demo_answers.csv`` (one row per question: answer, original and pruned prediction),
     ``demo_summary.json`` (accuracy per type, original and pruned, with the split and number of
@@ -94,7 +95,9 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     for existing in (out / "pruned-model", out / "report"):
         if existing.exists() and not overwrite:
             raise FileExistsError(f"{existing} already exists; choose another --out or pass --overwrite")
-    model, processor = load_default()
+    model, processor = load_zoo(model_name)
+    name = zoo_name(model_name) or model_name
+    label = "eemllm default (embedded)" if name == "default" else f"zoo:{name}"
     data, selection, calibration = demo_sets(n, compare_samples, seed)
     frame = answer_frame(model, processor, data, batch_size=batch_size)
     common = dict(samples=probe_samples, seed=seed)
@@ -116,7 +119,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
                               {"original": None, "pruned": plan}, warmup=1, repeats=5)
     summary = {
-        "model": "eemllm default (embedded)", "split": "test", "n": n, "seed": seed,
+        "model": label, "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),
         "evaluation": {**describe(data), "seed": seed},
         "selection": {**describe(selection), "seed": seed, "used_for": "policy comparison"},
@@ -136,7 +139,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     inputs = ReportInputs(lc=lc, plan=plan, attention=attention, modes=modes, comparison=comparison, latency=latency,
                           scores={"original": summary["accuracy"], "pruned": summary["pruned_accuracy"]},
                           answers=frame, flops=flops, pruned_model=out / "pruned-model",
-                          title="Redundancy report: eemllm default model on shapes-vqa",
+                          title=f"Redundancy report: {label} on shapes-vqa",
                           evaluation=summary["evaluation"])
     report = write_report(inputs, out / "report", overwrite=overwrite)
     return DemoResult(frame, lc, plan, ratio, comparison, latency, report, summary["evaluation"])

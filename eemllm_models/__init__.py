@@ -6,7 +6,7 @@ from .layout import TokenLayout
 from .loading import ModelLoadError, load_model
 from .plan import MODES, EfficiencyPlan
 from .pruned import is_pruned, load_checkpoint, load_pruned, save_pruned
-from .zoo import default_model_path, load_default
+from .zoo import default_model_path, load_default, load_zoo
 from .zoo.shapes_vqa import load_shapes_vqa
 
 __all__ = [

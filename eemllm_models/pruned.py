@@ -64,12 +64,12 @@ def is_pruned(path: str | os.PathLike) -> bool:
 def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device_map: str | dict | None = None, attn_implementation: str | None = None,
                     implementation: str = "fast") -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model and processor of ``default`` (the embedded model), a pruned folder (its plan applied)
-    or any other model folder or hub name (:func:`~eemllm_models.load_model`)."""
-    if str(name_or_path) == "default":
-        from .zoo import load_default
+    """The model and processor of a zoo model (``default``, ``zoo:NAME``), a pruned folder (its plan
+    applied) or any other model folder or hub name (:func:`~eemllm_models.load_model`)."""
+    from .zoo import load_zoo, zoo_name
 
-        return load_default(torch.float32 if dtype == "auto" else dtype)
+    if (zoo := zoo_name(name_or_path)) is not None:
+        return load_zoo(zoo, torch.float32 if dtype == "auto" else dtype)
     if is_pruned(name_or_path):
         model, _ = load_pruned(name_or_path, dtype, device_map, implementation)
         return model, AutoProcessor.from_pretrained(str(Path(name_or_path).expanduser()))

@@ -240,3 +240,22 @@ def test_report_command_counts_the_flops_headline_from_the_plan(probe_dir, tmp_p
     markup = (tmp_path / "r" / "index.html").read_text()
     assert "not counted" not in markup and f"{expected['decoder_flops_ratio']:.0%} of original" in markup
     assert "MFLOPs" in markup or "GFLOPs" in markup
+
+
+def test_zoo_models_are_named_zoo_name_everywhere(tmp_path, capsys):
+    """``load_zoo("default")`` is the embedded model, ``--model zoo:default`` names it on the CLI, and an
+    unknown zoo name is refused naming the zoo's models."""
+    from eemllm_models import load_checkpoint, load_default, load_zoo
+
+    zoo_model, _ = load_zoo("default")
+    default_model, _ = load_default()
+    assert all(torch.equal(a, b) for a, b in zip(zoo_model.state_dict().values(), default_model.state_dict().values()))
+    assert type(load_checkpoint("zoo:default")[0]) is type(default_model)
+    assert main(["flops", "--model", "zoo:default", "--plan", "shortv:llava-1.5-7b"]) == 2  # a 32-layer plan
+    capsys.readouterr()
+    assert main(["flops", "--model", "zoo:default"]) == 0
+    assert "17 text + 100 visual" in capsys.readouterr().out  # the embedded model's own prompts
+    assert main(["probe", "--model", "zoo:smollm2-shapes", "--samples", "1", "--out", str(tmp_path / "p")]) == 2
+    assert "no zoo model 'smollm2-shapes'; the zoo holds zoo:default" in capsys.readouterr().err
+    assert main(["demo", "--model", "llava-hf/llava-1.5-7b-hf", "--out", str(tmp_path / "d")]) == 2
+    assert "the demo runs a zoo model" in capsys.readouterr().err

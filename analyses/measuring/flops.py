@@ -868,10 +868,10 @@ def shortv_convention_flops(config: PretrainedConfig, plan: EfficiencyPlan, text
 def load_config(name_or_path: str) -> PretrainedConfig:
     """A shipped paper model config (``llava-1.5-7b``, ``llava-next-13b``, ...), ``default`` (the embedded
     model's), or any config by path or hub id."""
-    if name_or_path == "default":
-        from eemllm_models import default_model_path
+    from eemllm_models.zoo import zoo_name, zoo_path
 
-        name_or_path = str(default_model_path())
+    if (zoo := zoo_name(name_or_path)) is not None:
+        name_or_path = str(zoo_path(zoo))
     shipped = MODEL_CONFIGS / f"{name_or_path}.json"
     if shipped.is_file():
         return AutoConfig.from_pretrained(shipped)

@@ -106,10 +106,10 @@ def is_paper_model(model: str) -> bool:
 
 
 def _processor_for(model: str) -> ProcessorMixin:
-    if model == "default":
-        from eemllm_models import default_model_path
+    from eemllm_models.zoo import zoo_name, zoo_path
 
-        model = str(default_model_path())
+    if (zoo := zoo_name(model)) is not None:
+        model = str(zoo_path(zoo))
     try:
         return AutoProcessor.from_pretrained(str(Path(model).expanduser()))
     except (OSError, ValueError) as err:

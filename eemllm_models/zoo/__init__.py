@@ -1,4 +1,8 @@
-"""The embedded default model (a trained LLaVA, see ``default/README.md``) and its benchmark."""
+"""The model zoo: the embedded default model (a trained LLaVA, see ``default/README.md``) and its benchmark.
+
+A zoo model is named ``zoo:NAME`` wherever a model is asked for (``--model zoo:default`` on the CLI,
+``load_checkpoint("zoo:default")``); ``default`` alone names the embedded one.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from ..loading import check_model_dir, from_pretrained
+from ..loading import ModelLoadError, check_model_dir, from_pretrained
 
 _REINSTALL = "reinstall eemllm (pip install --force-reinstall --no-deps eemllm) or retrain it with " \
              "python -m eemllm_models.zoo.train --out DIR"
@@ -24,6 +28,33 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditiona
     Its weights are checked against their recorded checksum first, so a damaged install fails
     with a clear error instead of giving wrong answers.
     """
-    path = default_model_path()
+    return load_zoo("default", dtype)
+
+
+ZOO_PREFIX = "zoo:"
+ZOO = {"default": lambda: default_model_path()}
+"""Zoo model name -> the function giving its folder (looked up when called)."""
+
+
+def zoo_name(spec: str | object) -> str | None:
+    """The zoo model a model spec names (``default`` or ``zoo:NAME``), else None (a path or hub id)."""
+    text = str(spec)
+    if text == "default":
+        return "default"
+    return text[len(ZOO_PREFIX):] if text.startswith(ZOO_PREFIX) else None
+
+
+def zoo_path(name: str) -> Path:
+    """The folder of zoo model ``name``, or :class:`~eemllm_models.loading.ModelLoadError` naming the zoo's models."""
+    if name not in ZOO:
+        raise ModelLoadError(f"no zoo model {name!r}; the zoo holds {', '.join(f'zoo:{n}' for n in ZOO)}")
+    return ZOO[name]()
+
+
+def load_zoo(name: str, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Zoo model ``name`` (``"default"``, or ``"zoo:default"``) and its processor, in eval mode, its weights
+    checked against their recorded checksums first."""
+    name = zoo_name(name) or name
+    path = zoo_path(name)
     check_model_dir(path, fix=_REINSTALL)
     return from_pretrained(path, dtype=dtype)
