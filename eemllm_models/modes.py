@@ -2,8 +2,8 @@
 
 Every function here takes the decoder layer (any style of :mod:`eemllm_models.anatomy`: its
 queries, keys and values, its attention residual and its feed-forward block are the style's steps;
-``input_layernorm`` is what every style has) and the arguments the model passes to it, plus the batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes:
-``hidden_states`` ``[batch, seq, hidden]``; ``attention_mask`` is whatever the model built for
+``input_layernorm`` is what every style has) and the arguments the model passes to it, plus the
+batch's :class:`~eemllm_models.layout.TokenLayout`. Shapes: ``hidden_states`` ``[batch, seq, hidden]``; ``attention_mask`` is whatever the model built for
 its attention implementation: ``None`` (plain causal), a bool ``[batch|1, 1, seq, keys]``
 (``sdpa``: True = attend) or an additive float mask of that shape (``eager``).
 
