@@ -404,8 +404,8 @@ def _activation_flops(name: str) -> int:
 
 
 @dataclass(frozen=True)
-class _LlavaVision:
-    """LLaVA-1.5's CLIP tower and two-layer projector."""
+class _VisionTower:
+    """The sizes of a ViT tower on fixed-size images, and the visual tokens it gives per image."""
 
     hidden: int
     intermediate: int
@@ -415,15 +415,22 @@ class _LlavaVision:
     image_size: int
     channels: int
     activation: str
-    features: int  # visual tokens per image: patches, plus the CLS token with the "full" strategy
-    projector_in: int
-    projector_out: int
-    projector_activation: str
-    projector_bias: bool
+    features: int
 
     @property
     def patches(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class _LlavaVision(_VisionTower):
+    """LLaVA-1.5's CLIP tower and two-layer projector (``features``: patches, plus the CLS token with the
+    "full" strategy)."""
+
+    projector_in: int
+    projector_out: int
+    projector_activation: str
+    projector_bias: bool
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> _LlavaVision:
@@ -471,31 +478,18 @@ class _LlavaVision:
 
 
 @dataclass(frozen=True)
-class _SiglipVision:
+class _SiglipVision(_VisionTower):
     """A SigLIP-style tower on fixed-size images and its projector: Gemma 3 (SigLIP, its features
     average-pooled to ``mm_tokens_per_image``, RMS-normed and projected) and Idefics3 / SmolVLM (one
     tower pass per sub-image, ``scale_factor^2`` patches pixel-shuffled into one token and projected).
     Unlike CLIP: no class token, no pre-norm, a bias on the patch convolution, the post-norm on every
     patch row, and SigLIP's attention-pooling ``head`` where ``vision_use_head`` is set (its output
-    is unused, but it runs)."""
+    is unused, but it runs). ``features``: visual tokens per image (Gemma 3) or sub-image (Idefics3 / SmolVLM)."""
 
-    hidden: int
-    intermediate: int
-    heads: int
-    layers: int
-    patch: int
-    image_size: int
-    channels: int
-    activation: str
-    features: int  # visual tokens per image (Gemma 3) or sub-image (Idefics3 / SmolVLM)
     head: bool
     pooled: bool  # Gemma 3: average pooling and an RMS norm before the projection
     projector_in: int
     projector_out: int
-
-    @property
-    def patches(self) -> int:
-        return (self.image_size // self.patch) ** 2
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> _SiglipVision:
