@@ -95,6 +95,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
+from eemllm_models.anatomy import STYLES as LAYER_STYLES
+from eemllm_models.anatomy import LayerStyle
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attention", "mlp")
 PARTS = ("vision_tower", "projector", "decoder", "lm_head")
@@ -121,26 +123,37 @@ ACTIVATION_FLOPS = {"silu": 4, "quick_gelu": 5, "gelu": 8, "gelu_new": 8, "gelu_
 
 @dataclass(frozen=True)
 class DecoderStyle:
-    """What a decoder style (:mod:`eemllm_models.anatomy`) adds to the ``llama`` layer's element-wise
-    work. Every style has the same matrix products: q/k/v/o projections, attention, a gated MLP.
-
-    ``head_norms``: per-head RMS norms on queries and keys (``q_norm``/``k_norm``). ``sandwich_norms``:
-    Gemma 3's norm on the attention output and its pre- and post-feed-forward norms (three norms
-    of the layer's output rows instead of one). ``scaled_embeddings``: token embeddings multiplied
-    by ``sqrt(hidden)``. ``model_types``: the text configs' ``model_type`` values of this style.
+    """A decoder style of :mod:`eemllm_models.anatomy` as the FLOPs count sees it, from a config alone:
+    the anatomy's :class:`~eemllm_models.anatomy.LayerStyle` (``layer``: its ``head_norms``, per-head
+    RMS norms on queries and keys, and ``sandwich_norms``, Gemma 3's norm on the attention output and
+    its pre- and post-feed-forward norms: three norms of the layer's output rows instead of one), the
+    text configs' ``model_type`` values of this style, and ``scaled_embeddings`` (token embeddings
+    multiplied by ``sqrt(hidden)``). Every style has the same matrix products: q/k/v/o projections,
+    attention, a gated MLP; the styles differ in element-wise work.
     """
 
-    name: str
+    layer: LayerStyle
     model_types: tuple[str, ...]
-    head_norms: bool = False
-    sandwich_norms: bool = False
     scaled_embeddings: bool = False
 
+    @property
+    def name(self) -> str:
+        return self.layer.name
 
+    @property
+    def head_norms(self) -> bool:
+        return self.layer.head_norms
+
+    @property
+    def sandwich_norms(self) -> bool:
+        return self.layer.sandwich_norms
+
+
+_LAYER_STYLES = {style.name: style for style in LAYER_STYLES}
 DECODER_STYLES = (
-    DecoderStyle("llama", ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")),
-    DecoderStyle("qwen3", ("qwen3", "qwen3_vl_text"), head_norms=True),
-    DecoderStyle("gemma3", ("gemma3_text",), head_norms=True, sandwich_norms=True, scaled_embeddings=True),
+    DecoderStyle(_LAYER_STYLES["llama"], ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")),
+    DecoderStyle(_LAYER_STYLES["qwen3"], ("qwen3", "qwen3_vl_text")),
+    DecoderStyle(_LAYER_STYLES["gemma3"], ("gemma3_text",), scaled_embeddings=True),
 )
 """The decoder styles :func:`full_flops` counts, each with the text model types it covers."""
 _QKV_BIAS_DECODERS = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
