@@ -324,7 +324,6 @@ def _flops(args: argparse.Namespace) -> int:
     carried = getattr(config, CONFIG_KEY, None)
     if carried is not None and args.plan is None:  # a pruned model (eemllm prune) counts the plan it carries
         plan = EfficiencyPlan.from_dict(carried)
-        args.plan = "of the pruned model"
     else:
         plan = _plan_for(n_layers, args.plan)
     plan.check_layers(n_layers, f"--model {args.model}")

@@ -875,10 +875,9 @@ def shortv_convention_flops(config: PretrainedConfig, plan: EfficiencyPlan, text
 def load_config(name_or_path: str) -> PretrainedConfig:
     """A shipped paper model config (``llava-1.5-7b``, ``llava-next-13b``, ...), ``default`` (the embedded
     model's), or any config by path or hub id."""
-    from eemllm_models.zoo import zoo_name, zoo_path
+    from eemllm_models.zoo import resolve
 
-    if (zoo := zoo_name(name_or_path)) is not None:
-        name_or_path = str(zoo_path(zoo))
+    name_or_path = resolve(name_or_path)
     shipped = MODEL_CONFIGS / f"{name_or_path}.json"
     if shipped.is_file():
         return AutoConfig.from_pretrained(shipped)

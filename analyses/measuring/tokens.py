@@ -106,10 +106,9 @@ def is_paper_model(model: str) -> bool:
 
 
 def _processor_for(model: str) -> ProcessorMixin:
-    from eemllm_models.zoo import zoo_name, zoo_path
+    from eemllm_models.zoo import resolve
 
-    if (zoo := zoo_name(model)) is not None:
-        model = str(zoo_path(zoo))
+    model = resolve(model)
     try:
         return AutoProcessor.from_pretrained(str(Path(model).expanduser()))
     except (OSError, ValueError) as err:

@@ -51,6 +51,13 @@ def zoo_path(name: str) -> Path:
     return ZOO[name]()
 
 
+def resolve(spec: str) -> str:
+    """The folder of the zoo model ``spec`` names (``default``, ``zoo:NAME``), else ``spec`` itself (a path or
+    hub id), for code that reads a model's files (its config, its processor) without loading it."""
+    name = zoo_name(spec)
+    return spec if name is None else str(zoo_path(name))
+
+
 def load_zoo(name: str, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Zoo model ``name`` (``"default"``, or ``"zoo:default"``) and its processor, in eval mode, its weights
     checked against their recorded checksums first."""
