@@ -66,9 +66,8 @@ def shipped_dir() -> Path:
 
 def build_processor(tokenizer) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: the default model's CLIP image processor (160 px) and ``tokenizer``
-    (SmolLM2's, with ``<image>`` added), padding on the left."""
+    (SmolLM2's, with ``<image>`` added)."""
     default = build.build_processor()
-    tokenizer.padding_side = "left"  # batched generate() continues every prompt from its last token
     return LlavaProcessor(image_processor=CLIPImageProcessor(**default.image_processor.to_dict()),
                           tokenizer=tokenizer, patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
                           chat_template=CHAT_TEMPLATE, image_token=build.IMAGE_TOKEN, num_additional_image_tokens=1)
@@ -78,7 +77,9 @@ def assemble(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcess
     """The untrained model: SmolLM2's weights in ``model.language_model`` (the added ``<image>`` row of the
     tied embeddings is their mean), the default model's trained tower, a fresh projector (seeded) whose
     output has the RMS of SmolLM2's token embeddings. No adapters."""
-    lm, tokenizer = load_pretrained_lm(LM, extra_special_tokens={"image_token": build.IMAGE_TOKEN})
+    # Left padding: batched generate() continues every prompt from its own last token.
+    lm, tokenizer = load_pretrained_lm(LM, extra_special_tokens={"image_token": build.IMAGE_TOKEN},
+                                       padding_side="left")
     default = LlavaForConditionalGeneration.from_pretrained(default_model_path())
     text = copy.deepcopy(lm.config)
     text.vocab_size = len(tokenizer)
