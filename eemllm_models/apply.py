@@ -8,6 +8,11 @@ it. Each non-``full`` decoder layer gets an instance-level ``forward`` that runs
 whose tokens include no image token (a text-only prompt, or a decoding step with the KV cache)
 run every layer as usual. The layout is read from a CPU copy of ``input_ids`` (one copy per call;
 decoding steps of one token skip it), so no layer waits on the device to size its tensors.
+
+A plan whose ``visual_keep`` drops also wraps the layers from the layer before its first drop on; a
+call over a prompt with image tokens then opens a :class:`~eemllm_models.withdrawal.PromptCall`
+(ranking, removal, the short sequence), and a decoding step over a KV cache that prompt filled a
+:class:`~eemllm_models.withdrawal.DecodeCall` (see :mod:`eemllm_models.withdrawal`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from transformers import PreTrainedModel
 from .anatomy import recognise_style
 from .families import family_of
 from .layout import TokenLayout
-from .modes import (NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, open_call,
-                    reference_forward)
+from .modes import (NAAVIT_KERNELS, CallCache, NaavitBlockMasks, fast_forward, flex_available, layer_kv_cache,
+                    open_call, reference_forward)
 from .plan import EfficiencyPlan
+from .withdrawal import DecodeCall, PromptCall, check_decoding, forget, full_after, memory_of
 
 logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("fast", "reference")
@@ -44,9 +50,11 @@ def token_layout(model: PreTrainedModel, input_ids: torch.Tensor,
 
 @dataclass
 class _CallState:
-    """What the current forward call's layers share (None: no image tokens, run as usual)."""
+    """What the current forward call's layers share (None: no image tokens, run as usual), and its
+    token withdrawal (None: the plan keeps every token, or this call has nothing to withdraw)."""
 
     cache: CallCache | None = None
+    withdrawal: PromptCall | DecodeCall | None = None
 
 
 @dataclass
@@ -94,6 +102,9 @@ class AppliedPlan:
         if not self._layers:
             yield
             return
+        if self.plan.withdraws:
+            raise NotImplementedError("running the layers one by one under a plan that withdraws visual tokens "
+                                      "is not supported yet; measure the plan's modes with visual_keep all 1.0")
         device = layout.visual.device
         self._state.cache = open_call(layout.to(torch.device("cpu")), device, self.naavit_kernel, _BLOCK_MASKS)
         try:
@@ -106,19 +117,26 @@ class AppliedPlan:
         family = family_of(self.model)
         layers = family.decoder_layers(self.model)
         plan.check_layers(len(layers), type(self.model).__name__)
-        for layer, mode in zip(layers, plan.modes):
-            if mode != "full":
+        stages = plan.keep_stages()
+        wrapped = [mode != "full" or (bool(stages) and i >= stages[0][0] - 1) for i, mode in enumerate(plan.modes)]
+        for layer, wrap in zip(layers, wrapped):
+            if wrap:
                 recognise_style(layer)  # a layer no style describes is refused before anything changes
         self.plan, self.implementation = plan, implementation
         token_ids = family.visual_token_ids(self.model.config)
         state, kernel = self._state, self.naavit_kernel
+        boundaries = full_after(self.model)
 
         def read_layout(module, args, kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise ValueError("a model with an eemllm plan needs input_ids (to find the visual tokens); "
                                  "pass input_ids instead of inputs_embeds")
-            state.cache = None
+            state.cache, state.withdrawal = None, None
+            kv_cache = layer_kv_cache(kwargs)
+            if stages and kv_cache is not None and _continues(kv_cache, input_ids, token_ids, plan, implementation):
+                state.withdrawal = DecodeCall(memory_of(kv_cache), kv_cache.get_seq_length())
+                return
             if input_ids.shape[1] == 1:  # a decoding step: a generated token is never an image feature
                 return
             mask = kwargs.get("attention_mask")
@@ -128,12 +146,17 @@ class AppliedPlan:
             state.cache = open_call(layout, input_ids.device, kernel, _BLOCK_MASKS)
             if state.cache is None:
                 logger.info("eemllm: no image tokens in this input; the plan changes nothing for it")
+            elif stages:
+                state.withdrawal = PromptCall(plan, implementation, state.cache, layers, boundaries, kernel,
+                                              _BLOCK_MASKS)
 
         def end_call(module, args, output):
-            state.cache = None
+            if isinstance(state.withdrawal, PromptCall):
+                state.withdrawal.finish()
+            state.cache, state.withdrawal = None, None
 
-        for layer, mode in zip(layers, plan.modes):
-            if mode == "full":
+        for layer, mode, wrap in zip(layers, plan.modes, wrapped):
+            if not wrap:
                 continue
             layer.forward = partial(_mode_forward, layer, layer.forward, mode, state, implementation)
             self._layers.append(layer)
@@ -149,7 +172,7 @@ class AppliedPlan:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self._state.cache = None
+        self._state.cache, self._state.withdrawal = None, None
 
     def __enter__(self) -> AppliedPlan:
         return self
@@ -220,14 +243,36 @@ def running(model: PreTrainedModel, plan: EfficiencyPlan, implementation: str = 
             yield applied
 
 
+def _continues(kv_cache, input_ids: torch.Tensor, token_ids, plan: EfficiencyPlan, implementation: str) -> bool:
+    """Whether this call continues a prompt that ran under ``plan``'s token withdrawal in ``kv_cache``
+    (raises when it cannot: another plan, new image tokens, masks the fast path cannot keep right)."""
+    if kv_cache.get_seq_length() == 0:
+        forget(kv_cache)  # a fresh prompt in this cache
+        return False
+    memory = memory_of(kv_cache)
+    if memory is None:
+        return False
+    if memory.plan != plan or memory.implementation != implementation:
+        raise ValueError("this KV cache was filled under another plan or implementation, which withdrew visual "
+                         "tokens from its layers; start from a new cache")
+    if bool(torch.isin(input_ids, torch.tensor(list(token_ids), device=input_ids.device)).any()):
+        raise NotImplementedError("a call that continues a prompt whose visual tokens were withdrawn brings new "
+                                  "image tokens; give every image in the first call")
+    check_decoding(memory, kv_cache)
+    return True
+
+
 def _describe_path(plan: EfficiencyPlan, implementation: str, kernel: str) -> str:
     """One line: what the plan changes and which code path runs it."""
     counts = {m: len(plan.layers(m)) for m in ("frozen", "naavit", "composite") if plan.layers(m)}
-    if not counts:
+    if not counts and not plan.withdraws:
         return "empty plan: every layer runs its original forward"
-    changed = ", ".join(f"{n} {m}" for m, n in counts.items())
+    kept = [f"visual tokens kept from layer {layer}: {keep:g} ({plan.visual_ranking})"
+            for layer, keep in plan.keep_stages()]
+    changed = "; ".join([", ".join(f"{n} {m}" for m, n in counts.items()) + " layers"] * bool(counts) + kept)
     if implementation == "reference":
-        return f"{changed} layers, reference implementation (full layers under masks / put-back rows)"
+        return (f"{changed}, reference implementation (full layers under masks / put-back rows; withdrawn tokens "
+                "masked as keys)")
     paths = []
     if "frozen" in counts:
         paths.append("frozen: text rows only, consecutive frozen layers share one copy of the hidden states")
@@ -237,13 +282,25 @@ def _describe_path(plan: EfficiencyPlan, implementation: str, kernel: str) -> st
                       "flex_eager": "naavit: FlexAttention uncompiled (reference math, slow)"}[kernel])
     if "composite" in counts:
         paths.append("composite: visual rows o_proj(v_proj(x)) + MLP, no visual queries")
-    return f"{changed} layers, fast implementation; " + "; ".join(paths)
+    if plan.withdraws:
+        paths.append("withdrawal: kept rows gathered once per drop, later layers and their KV caches shorter")
+    return f"{changed}, fast implementation; " + "; ".join(paths)
 
 
 def _mode_forward(layer, original, mode: str, state: _CallState, implementation: str,
                   hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    withdrawal = state.withdrawal
+    if withdrawal is not None:
+        if args:
+            kwargs["attention_mask"] = args[0]
+            args = ()
+        index = layer.self_attn.layer_idx
+        if withdrawal.covers(index):
+            return withdrawal.forward(layer, original, mode, hidden_states, kwargs)
+        if withdrawal.ranks_before(index):
+            withdrawal.rank_full(layer, hidden_states, kwargs)
     cache = state.cache
-    if cache is None:
+    if cache is None or mode == "full":
         return original(hidden_states, *args, **kwargs)
     if cache.layout.visual.shape != hidden_states.shape[:2]:
         raise ValueError(

@@ -1,8 +1,10 @@
-"""EfficiencyPlan: one visual-token mode per decoder layer, with where it came from."""
+"""EfficiencyPlan: one visual-token mode and one visual-token keep fraction per decoder layer, with where
+it came from."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -22,6 +24,14 @@ MODES = ("full", "frozen", "naavit", "composite")
   visual token, only to itself and to the non-visual tokens before it; the MLP still runs.
 - ``composite`` (EE-MLLM-F, our reading): visual tokens form no queries; their update is
   ``o_proj(v_proj(input_norm(x)))`` (self-only attention) followed by the residual and the MLP.
+"""
+
+VISUAL_RANKINGS = ("attention", "stride")
+"""How the visual tokens to keep are chosen where ``visual_keep`` drops (see :mod:`eemllm_models.withdrawal`):
+
+- ``attention`` (FastV): the attention mass the last prompt position gives each visual token at the
+  layer before, averaged over heads; the most attended are kept.
+- ``stride``: evenly spaced visual tokens in token order (a fixed spatial stride), as a control.
 """
 
 # ShortV (arXiv 2504.00502) published frozen layers, in the paper's order (lowest LC first).
@@ -44,14 +54,23 @@ def n_decoder_layers(model) -> int:
 
 @dataclass(frozen=True)
 class EfficiencyPlan:
-    """One mode per decoder layer (``modes[i]`` for layer ``i``) and its provenance.
+    """One mode per decoder layer (``modes[i]`` for layer ``i``), the fraction of visual tokens each
+    layer keeps (``visual_keep[i]``), and its provenance.
+
+    ``visual_keep``: one fraction in [0, 1] per layer, non-increasing with depth, 1.0 for the first
+    layer (default: all 1.0, every token stays). Where it drops, the visual tokens are ranked by
+    ``visual_ranking`` (one of :data:`VISUAL_RANKINGS`) and the lowest-ranked leave the sequence for
+    that layer and every later one (:mod:`eemllm_models.withdrawal`); 0 withdraws them all (VTW).
+    Layer modes apply to the visual tokens that remain.
 
     Provenance is free-form JSON data: model name, probe, policy, date, ... Validated on
-    construction (known modes, at least one layer) and against a model when applied.
+    construction (known modes, at least one layer, keep fractions) and against a model when applied.
     """
 
     modes: list[str]
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    visual_keep: list[float] | None = None
+    visual_ranking: str = "attention"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", list(self.modes))
@@ -61,6 +80,11 @@ class EfficiencyPlan:
         bad = sorted({m for m in self.modes if m not in MODES})
         if bad:
             raise ValueError(f"unknown layer mode(s) {bad}; choose from {list(MODES)}")
+        keep = [1.0] * len(self.modes) if self.visual_keep is None else [float(k) for k in self.visual_keep]
+        object.__setattr__(self, "visual_keep", keep)
+        _check_visual_keep(keep, len(self.modes))
+        if self.visual_ranking not in VISUAL_RANKINGS:
+            raise ValueError(f"unknown visual_ranking {self.visual_ranking!r}; choose from {list(VISUAL_RANKINGS)}")
 
     @classmethod
     def empty(cls, n_layers: int, **provenance: Any) -> EfficiencyPlan:
@@ -76,6 +100,22 @@ class EfficiencyPlan:
         if out_of_range:
             raise ValueError(f"layer indices {out_of_range} are outside 0..{n_layers - 1}")
         return cls(tuple(chosen.get(i, "full") for i in range(n_layers)), provenance)
+
+    @classmethod
+    def withdraw(cls, n_layers: int, from_layer: int, **provenance: Any) -> EfficiencyPlan:
+        """VTW: every visual token leaves the sequence from layer ``from_layer`` on (``visual_keep`` 0 there)."""
+        return cls.prune_tokens(n_layers, from_layer, 0.0, **provenance)
+
+    @classmethod
+    def prune_tokens(cls, n_layers: int, from_layer: int, keep: float, ranking: str = "attention",
+                     **provenance: Any) -> EfficiencyPlan:
+        """FastV: from layer ``from_layer`` on, only the fraction ``keep`` of each sequence's visual tokens
+        stays, chosen by ``ranking`` (:data:`VISUAL_RANKINGS`) at the layer before."""
+        if not 1 <= from_layer < n_layers:
+            raise ValueError(f"from_layer must be in 1..{n_layers - 1} (tokens are ranked at the layer before "
+                             f"the first that removes them), got {from_layer}")
+        visual_keep = [1.0] * from_layer + [float(keep)] * (n_layers - from_layer)
+        return cls(("full",) * n_layers, provenance, visual_keep, ranking)
 
     @classmethod
     def uniform(cls, model, mode: str, **provenance: Any) -> EfficiencyPlan:
@@ -123,12 +163,27 @@ class EfficiencyPlan:
 
     @property
     def is_empty(self) -> bool:
-        """True when every layer runs ``full``."""
-        return all(m == "full" for m in self.modes)
+        """True when every layer runs ``full`` and keeps every visual token."""
+        return all(m == "full" for m in self.modes) and not self.withdraws
+
+    @property
+    def withdraws(self) -> bool:
+        """True when some layer keeps fewer than all visual tokens."""
+        return any(k < 1.0 for k in self.visual_keep)
+
+    def keep_stages(self) -> tuple[tuple[int, float], ...]:
+        """``(layer, keep)`` for each layer where ``visual_keep`` drops: where tokens are ranked and removed."""
+        keep = self.visual_keep
+        return tuple((i, keep[i]) for i in range(self.n_layers) if keep[i] < (keep[i - 1] if i else 1.0))
 
     def with_provenance(self, **provenance: Any) -> EfficiencyPlan:
         """The same modes with ``provenance`` entries added."""
         return replace(self, provenance={**self.provenance, **provenance})
+
+    def with_visual_keep(self, visual_keep: Iterable[float], ranking: str | None = None) -> EfficiencyPlan:
+        """The same modes and provenance with ``visual_keep`` (and ``ranking``, default this plan's)."""
+        return replace(self, visual_keep=list(visual_keep),
+                       visual_ranking=self.visual_ranking if ranking is None else ranking)
 
     def check_layers(self, n_layers: int, model_name: str = "the model") -> None:
         """Raise unless this plan has exactly ``n_layers`` layers."""
@@ -145,13 +200,20 @@ class EfficiencyPlan:
         return apply_plan(model, self, implementation)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"modes": list(self.modes), "provenance": dict(self.provenance)}
+        """JSON data: ``modes`` and ``provenance``, plus ``visual_keep`` and ``visual_ranking`` when the
+        plan withdraws tokens (a plan that keeps them all writes what older versions wrote)."""
+        data: dict[str, Any] = {"modes": list(self.modes), "provenance": dict(self.provenance)}
+        if self.withdraws:
+            data.update(visual_keep=list(self.visual_keep), visual_ranking=self.visual_ranking)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EfficiencyPlan:
+        """The plan of :meth:`to_dict`'s data; data without ``visual_keep`` (older plans) keeps every token."""
         if "modes" not in data:
             raise ValueError("an EfficiencyPlan dict needs a 'modes' list (one mode per layer)")
-        return cls(tuple(data["modes"]), data.get("provenance", {}))
+        return cls(tuple(data["modes"]), data.get("provenance", {}), data.get("visual_keep"),
+                   data.get("visual_ranking", "attention"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -184,3 +246,23 @@ class EfficiencyPlan:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
             raise ValueError(f"plan file {path} is not a valid plan: {err}") from err
+
+
+def _check_visual_keep(keep: list[float], n_layers: int) -> None:
+    """Raise ``ValueError`` saying what to change unless ``keep`` is a valid ``visual_keep`` for ``n_layers``."""
+    if len(keep) != n_layers:
+        raise ValueError(f"visual_keep has {len(keep)} fractions but the plan has {n_layers} layers; give one "
+                         "fraction per decoder layer (1.0 keeps every visual token)")
+    outside = [(i, k) for i, k in enumerate(keep) if not (math.isfinite(k) and 0.0 <= k <= 1.0)]
+    if outside:
+        raise ValueError(f"visual_keep fractions must lie in [0, 1]; got {outside[:3]} as (layer, fraction): "
+                         "use 1.0 to keep every visual token, 0.0 to withdraw them all")
+    if keep[0] != 1.0:
+        raise ValueError(f"visual_keep[0] must be 1.0, got {keep[0]}: tokens are ranked at the layer before the "
+                         "first that removes them, so remove them from layer 1 or later")
+    rising = [i for i in range(1, n_layers) if keep[i] > keep[i - 1]]
+    if rising:
+        i = rising[0]
+        raise ValueError(f"visual_keep must not increase with depth: layer {i} keeps {keep[i]} after layer "
+                         f"{i - 1} kept {keep[i - 1]}, but removed tokens cannot come back; make it non-increasing "
+                         f"(e.g. visual_keep[{i}] = {keep[i - 1]})")
