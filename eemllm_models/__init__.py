@@ -4,13 +4,14 @@ from .apply import AppliedPlan, apply_plan, token_layout
 from .generation import build_prompt, generate_answers
 from .layout import TokenLayout
 from .loading import ModelLoadError, load_model
-from .plan import MODES, EfficiencyPlan
+from .plan import MODES, VISUAL_RANKINGS, EfficiencyPlan
 from .pruned import is_pruned, load_checkpoint, load_pruned, save_pruned
 from .zoo import default_model_path, load_default, load_zoo
 from .zoo.shapes_vqa import load_shapes_vqa
 
 __all__ = [
     "MODES",
+    "VISUAL_RANKINGS",
     "AppliedPlan",
     "EfficiencyPlan",
     "TokenLayout",

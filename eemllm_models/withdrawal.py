@@ -78,6 +78,16 @@ def last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor,
     return torch.softmax(scores, dim=-1).mean(1)
 
 
+def mask_row(attention_mask: torch.Tensor | None, query: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[batch, seq]`` bool: the keys the query at position ``query`` ``[batch]`` may see under the model's
+    mask (``None``: causal; bool or additive ``[batch|1, 1, seq, seq]``), read for that one row only."""
+    if attention_mask is None:
+        return torch.arange(seq, device=query.device)[None, :] <= query[:, None]
+    mask = attention_mask[:, 0, -seq:, :seq].expand(query.shape[0], -1, -1)
+    row = mask[torch.arange(query.shape[0], device=query.device), query]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def select_visual(ranking: str, candidates: torch.Tensor, counts: torch.Tensor,
                   scores: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, seq]`` bool: the ``counts[b]`` candidates (``candidates`` ``[batch, seq]``) each sequence keeps.
@@ -212,9 +222,7 @@ class PromptCall:
         layout = self.layout
         removed = self.stages[-1].removed if self.stages else torch.zeros_like(layout.visual)
         candidates = layout.visual & ~removed
-        seq = hidden.shape[1]
-        allowed = self._allowed(kwargs.get("attention_mask"), seq, removed)
-        selected = self._select(layer, hidden, kwargs, allowed, layout.valid, candidates)
+        selected = self._select(layer, hidden, kwargs, layout.valid, candidates, removed)
         removed = removed | (candidates & ~selected)
         stage = Stage(layer.self_attn.layer_idx + 1, removed)
         if self.implementation == "fast":
@@ -227,8 +235,7 @@ class PromptCall:
         """Rank at a layer of the fast path's short sequence ``x`` and open the next stage."""
         previous = self.stages[-1]
         short = previous.call.layout
-        allowed = allowed_keys(kwargs["attention_mask"], x.shape[0], x.shape[1], x.shape[1], x.device)
-        selected = self._select(layer, x, kwargs, allowed[:, 0], short.valid, short.visual)
+        selected = self._select(layer, x, kwargs, short.valid, short.visual)
         keep_local = previous.kept.ok & ~(short.visual & ~selected)
         gone = ~keep_local.flatten()
         if previous.kept.slots_ok is not None:
@@ -241,16 +248,19 @@ class PromptCall:
                       bool(call.layout.visual.any()))
         self.stages.append(stage)
 
-    def _select(self, layer, hidden, kwargs, allowed, valid, candidates) -> torch.Tensor:
-        """The candidates to keep for the next stage, with ``allowed`` ``[batch, seq(, seq)]`` the keys the
-        layer lets each query (or only the last query, for a 2D one) see."""
+    def _select(self, layer, hidden: torch.Tensor, kwargs: dict, valid: torch.Tensor, candidates: torch.Tensor,
+                removed: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, seq]``: the ``candidates`` to keep for the next stage, ranked at ``layer`` (its input
+        ``hidden`` and keyword arguments ``kwargs``); the last query sees no ``removed`` key."""
         keep = self._starts[layer.self_attn.layer_idx + 1]
         counts = kept_counts(keep, self.layout.n_visual)
         ranking = self.plan.visual_ranking
         if ranking == "stride" or keep == 0.0:
             return select_visual("stride", candidates, counts)
         query = last_valid(valid)
-        row = allowed if allowed.dim() == 2 else allowed[torch.arange(allowed.shape[0]), query]
+        row = mask_row(kwargs.get("attention_mask"), query, hidden.shape[1])
+        if removed is not None:
+            row = row & ~removed | (torch.arange(hidden.shape[1], device=row.device) == query[:, None])
         scores = last_query_attention(layer, hidden, kwargs["position_embeddings"], row, query)
         return select_visual(ranking, candidates, counts, scores)
 

@@ -8,8 +8,9 @@ import torch
 
 from eemllm_models import EfficiencyPlan, apply_plan, load_pruned, save_pruned, token_layout
 from eemllm_models.families import family_of
+from eemllm_models.modes import flex_available
 from eemllm_models.withdrawal import kept_counts, memory_of, select_visual
-from tiny_models import CORE_FAMILIES, FAMILIES, FIRST_WORD, IMAGE_TOKEN
+from tiny_models import CORE_FAMILIES, FAMILIES, FIRST_WORD, IMAGE_TOKEN, _assemble
 
 ATOL = 1e-5
 PLANS = {  # name: (modes, visual_keep, ranking)
@@ -129,6 +130,18 @@ def test_fast_matches_reference_at_text_positions(model, name, padding):
     assert (fast[text] - _logits(model, batch, kept_all)[text]).abs().max() > 1e-3  # the withdrawal changed something
 
 
+def test_batch_with_prompts_of_two_one_and_no_images():
+    """Each prompt keeps its own floor(keep * n_visual): the short rows differ in length across the batch."""
+    build_model, _ = FAMILIES["llava"]
+    model = build_model(seed=22)
+    batch = {**_assemble([[16, 16], [], [16]], 23, "left"), "pixel_values": torch.randn(3, 3, 32, 32)}
+    text = _text(model, batch)
+    for keep in ([1, 1, 0.5, 0.5], [1, 0.3, 0.2, 0.1], [1, 0.5, 0.5, 0]):
+        plan = EfficiencyPlan(["frozen", "naavit", "composite", "frozen"], visual_keep=keep)
+        torch.testing.assert_close(_logits(model, batch, plan)[text], _logits(model, batch, plan, "reference")[text],
+                                   rtol=ATOL, atol=ATOL)
+
+
 def test_keep_one_is_the_plan_of_modes_alone(model):
     batch = model.make_batch(3, 2, seed=21)
     modes = ["frozen", "naavit", "full", "composite"]
@@ -220,6 +233,19 @@ def test_eager_attention_fast_matches_reference():
         text = _text(model, batch)
         torch.testing.assert_close(_logits(model, batch, plan)[text], _logits(model, batch, plan, "reference")[text],
                                    rtol=ATOL, atol=ATOL)
+
+
+@pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+def test_flex_naavit_on_the_short_sequence_matches_reference():
+    for family in ("llava", "gemma3"):
+        build_model, build_batch = FAMILIES[family]
+        model = build_model(seed=24)
+        batch = build_batch(model, 3, 2, seed=25, padding="right")
+        plan = EfficiencyPlan(["naavit"] * 4, visual_keep=[1, 0.5, 0.5, 0.25])
+        with torch.no_grad(), apply_plan(model, plan, "fast", naavit_kernel="flex_eager"):
+            fast = model(**batch).logits
+        text = _text(model, batch)
+        torch.testing.assert_close(fast[text], _logits(model, batch, plan, "reference")[text], rtol=ATOL, atol=ATOL)
 
 
 # ---- generate() -------------------------------------------------------------------------------------
