@@ -270,6 +270,8 @@ class PromptCall:
         return allowed & ~(removed[:, None, :] & ~torch.eye(seq, dtype=torch.bool, device=removed.device))
 
     def _stage_call(self, kept: Rows) -> CallCache:
+        """The :class:`~eemllm_models.modes.CallCache` of the short sequence of ``kept`` (its layout: the
+        kept rows' visual and valid flags, filler slots neither)."""
         layout = self.layout
         visual = kept.take(layout.visual[..., None])[..., 0] & kept.ok
         valid = kept.take(layout.valid[..., None])[..., 0] & kept.ok
@@ -292,12 +294,11 @@ class PromptCall:
                                          self.stages)
 
     def _reference(self, layer, original, mode, hidden, kwargs) -> torch.Tensor:
+        """The full sequence through the layer, the stage's removed tokens masked as keys for every query."""
         stage = self.stages[-1]
-        seq = hidden.shape[1]
+        masked = self._reference_kwargs(kwargs, stage, hidden.shape[1], hidden.dtype)
         if self.ranks_before(layer.self_attn.layer_idx):
-            masked = self._reference_kwargs(kwargs, stage, seq, hidden.dtype)
             self.rank_full(layer, hidden, masked)
-        masked = self._reference_kwargs(kwargs, stage, seq, hidden.dtype)
         if mode == "full":
             return original(hidden, **masked)
         return reference_forward(layer, original, mode, self.call.layout, hidden, **masked)
@@ -309,6 +310,7 @@ class PromptCall:
         return _with_layer_mask(kwargs, blocked)
 
     def _fast(self, layer, original, mode, hidden, kwargs) -> torch.Tensor:
+        """The stage's short sequence through the layer; short out, or full length where it must be."""
         index = layer.self_attn.layer_idx
         number = max(i for i, s in enumerate(self.stages) if s.first_layer <= index)
         stage = self.stages[number]
