@@ -63,6 +63,22 @@ class DemoResult:
     evaluation: dict
 
 
+@dataclass(frozen=True)
+class DemoSizes:
+    """How many prompts the demo probes on (train) and compares the policies on (validation)."""
+
+    probe_samples: int
+    compare_samples: int
+
+
+DEMO_SIZES = {"default": DemoSizes(probe_samples=96, compare_samples=42),
+              "smollm2-shapes": DemoSizes(probe_samples=24, compare_samples=28)}
+"""Each zoo model's demo sizes. The default's 96 probe samples give a stable choice (BENCHMARKS.md);
+smollm2-shapes has 24 times the decoder FLOPs per token and 2.5 times the layers for the LC sweep to
+ablate, so its demo probes fewer samples to finish in minutes on two CPU cores, and its report shows what
+that costs in selection stability."""
+
+
 def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
               ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
     """The demo's three sets of shapes-vqa questions: ``(evaluation, selection, calibration)``.
@@ -80,8 +96,8 @@ def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
     return evaluation, selection, calibration
 
 
-def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int = 96,
-             compare_samples: int = 42, overwrite: bool = False, model_name: str = "default") -> DemoResult:
+def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_samples: int | None = None,
+             compare_samples: int | None = None, overwrite: bool = False, model_name: str = "default") -> DemoResult:
     """Run the demo of zoo model ``model_name`` (``default``: the embedded one; see
     :func:`eemllm_models.load_zoo`) on ``n`` shapes-vqa test questions and write its files to ``out``.
 
@@ -90,18 +106,21 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     questions of every set used, chance levels, plan, FLOPs and the prompt they were counted for),
     ``lc.nc``, ``attention.nc``, ``mode_contribution.nc`` (probes on ``probe_samples`` train-split
     prompts), ``plan.json``, ``comparison.csv`` (accuracy vs FLOPs of the policies on
-    ``compare_samples`` validation questions), ``latency.csv``, ``pruned-model/`` (reloads with
+    ``compare_samples`` validation questions; both default to the model's :data:`DEMO_SIZES`), ``latency.csv``, ``pruned-model/`` (reloads with
     ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
     model or report is replaced only with ``overwrite``.
     """
-    for name, value in (("--n", n), ("--probe-samples", probe_samples), ("--compare-samples", compare_samples)):
+    name = zoo_name(model_name) or model_name
+    sizes = DEMO_SIZES.get(name, DEMO_SIZES["default"])
+    probe_samples = sizes.probe_samples if probe_samples is None else probe_samples
+    compare_samples = sizes.compare_samples if compare_samples is None else compare_samples
+    for option, value in (("--n", n), ("--probe-samples", probe_samples), ("--compare-samples", compare_samples)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise ValueError(f"{option} must be at least 1, got {value}")
     for existing in (out / "pruned-model", out / "report"):
         if existing.exists() and not overwrite:
             raise FileExistsError(f"{existing} already exists; choose another --out or pass --overwrite")
     model, processor = load_zoo(model_name)
-    name = zoo_name(model_name) or model_name
     label = "eemllm default (embedded)" if name == "default" else f"zoo:{name}"
     data, selection, calibration = demo_sets(n, compare_samples, seed)
     frame = answer_frame(model, processor, data, batch_size=batch_size)

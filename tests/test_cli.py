@@ -255,7 +255,7 @@ def test_zoo_models_are_named_zoo_name_everywhere(tmp_path, capsys):
     capsys.readouterr()
     assert main(["flops", "--model", "zoo:default"]) == 0
     assert "17 text + 100 visual" in capsys.readouterr().out  # the embedded model's own prompts
-    assert main(["probe", "--model", "zoo:smollm2-shapes", "--samples", "1", "--out", str(tmp_path / "p")]) == 2
-    assert "no zoo model 'smollm2-shapes'; the zoo holds zoo:default" in capsys.readouterr().err
+    assert main(["probe", "--model", "zoo:nope", "--samples", "1", "--out", str(tmp_path / "p")]) == 2
+    assert "no zoo model 'nope'; the zoo holds zoo:default, zoo:smollm2-shapes" in capsys.readouterr().err
     assert main(["demo", "--model", "llava-hf/llava-1.5-7b-hf", "--out", str(tmp_path / "d")]) == 2
     assert "the demo runs a zoo model" in capsys.readouterr().err
