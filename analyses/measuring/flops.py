@@ -67,6 +67,14 @@ token, as a tidy frame split by part, layer and component.
   score of a visual query against its own key and the weighted own value, ``4 * heads * head_dim``
   per visual token, done with element-wise products).
 
+**Withdrawn and pruned visual tokens** (a plan's ``visual_keep``, :mod:`eemllm_models.withdrawal`): in
+both conventions each layer counts the tokens it still sees (:func:`layer_tokens`: every text token
+and ``floor(keep * visual)`` visual ones). In the full count, a decoded token attends, in each layer,
+over that layer's shorter KV cache (its kept positions plus the tokens decoded so far), and the layer
+before each drop ranked by ``attention`` (FastV) also counts the ranking: one query row, every row's
+key and one row of scores (:func:`_ranking`); the ShortV convention leaves the ranking out, as
+FastV's own count does. :mod:`analyses.measuring.memory` counts the KV cache's bytes the same way.
+
 The prefill's lm_head covers ``logits_to_keep`` positions: ``generate()`` passes 1 (only the last
 position's logits); a plain ``model(**batch)`` call computes all of them (``logits_to_keep=0``).
 Decoded tokens are text, so every decoder layer runs ``full`` for them, attending to the cache.
@@ -97,6 +105,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
 from eemllm_models.anatomy import STYLES as LAYER_STYLES
 from eemllm_models.anatomy import LayerStyle
+from eemllm_models.withdrawal import kept_counts
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attention", "mlp")
 PARTS = ("vision_tower", "projector", "decoder", "lm_head")
@@ -236,6 +245,17 @@ class TokenCounts:
     def total(self) -> int:
         return self.text + self.visual
 
+    def kept(self, keep: float) -> TokenCounts:
+        """The tokens a layer with ``visual_keep`` ``keep`` sees: every text token and ``floor(keep * visual)``
+        visual ones (:func:`eemllm_models.withdrawal.kept_counts`, the rule the model applies)."""
+        return TokenCounts(self.text_before, int(kept_counts(keep, torch.tensor([self.visual]))[0]), self.text_after)
+
+
+def layer_tokens(plan: EfficiencyPlan, tokens: TokenCounts) -> list[TokenCounts]:
+    """Per decoder layer, the tokens it sees under ``plan``'s ``visual_keep`` (all of ``tokens`` where it keeps 1.0):
+    its rows in the prefill and, with the decoded ones, the positions its KV cache holds."""
+    return [tokens.kept(keep) for keep in plan.visual_keep]
+
 
 @dataclass(frozen=True)
 class DecoderShape:
@@ -327,13 +347,17 @@ def layer_flops(shape: DecoderShape, tokens: TokenCounts, mode: str) -> dict[str
 
 
 def plan_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCounts) -> pd.DataFrame:
-    """Prefill FLOPs per decoder layer and component under ``plan``: columns ``layer, mode, component, flops``."""
+    """Prefill FLOPs per decoder layer and component under ``plan``: columns ``layer, mode, component, flops``.
+
+    A layer after visual tokens were withdrawn or pruned counts the tokens it still sees
+    (:func:`layer_tokens`), as FastV's and VTW's own FLOPs formulas do; the ranking before a drop is
+    left out of this convention (:func:`full_flops` counts it)."""
     shape = DecoderShape.from_config(config)
     plan.check_layers(shape.layers, "the config")
     rows = [
         {"layer": i, "mode": mode, "component": c, "flops": f}
-        for i, mode in enumerate(plan.modes)
-        for c, f in layer_flops(shape, tokens, mode).items()
+        for i, (mode, seen) in enumerate(zip(plan.modes, layer_tokens(plan, tokens)))
+        for c, f in layer_flops(shape, seen, mode).items()
     ]
     return pd.DataFrame(rows)
 
@@ -616,6 +640,20 @@ def _prefill_layer(shape: DecoderShape, tokens: TokenCounts, mode: str) -> dict[
                           self_scored=v if mode == "naavit" else 0)
 
 
+def _ranking(shape: DecoderShape, rows: int) -> dict[str, int]:
+    """FLOPs of FastV's ranking at a layer of ``rows`` input rows (``eemllm_models.withdrawal.last_query_attention``):
+    the input norm of every row, the last position's query, every row's key (no values), rotary (and
+    q/k norms), one row of scores over the ``rows`` keys per head and its softmax."""
+    e, style = ELEMENTWISE_FLOPS, shape.style or DECODER_STYLES[0]
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return {"norm": e["rms_norm"] * rows * shape.hidden, "q_proj": 2 * shape.hidden * q_width,
+            "kv_proj": 2 * rows * shape.hidden * kv_width, "attention": 2 * rows * q_width,
+            "rotary": e["rotary"] * (q_width + rows * kv_width),
+            "qk_norm": e["rms_norm"] * (q_width + rows * kv_width) * style.head_norms,
+            "softmax": e["softmax"] * rows * shape.heads,
+            "bias": e["bias"] * shape.qkv_bias * (q_width + rows * kv_width)}
+
+
 def _parts_of(config: PretrainedConfig) -> tuple[str, ...]:
     return PARTS if getattr(config, "vision_config", None) is not None else ("decoder", "lm_head")
 
@@ -641,7 +679,12 @@ def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCoun
     ``tokens``: the prompt (its visual tokens set the number of images). ``decode_tokens``: decoding
     forwards of one token each after the prefill (``generate(max_new_tokens=k)`` runs ``k - 1``: the
     prefill yields the first token); decode step ``s`` attends to ``tokens.total + s`` keys (the
-    last ``sliding_window`` in a sliding-window layer), every layer ``full``. ``logits_to_keep``:
+    last ``sliding_window`` in a sliding-window layer), every layer ``full``. Under a plan whose
+    ``visual_keep`` drops, each layer counts the tokens it still sees (:func:`layer_tokens`) in the
+    prefill, and its decode steps attend over its shorter KV cache (``seen.total + s`` keys); the layer
+    before each drop that ranks by ``attention`` also counts the ranking (the last position's query,
+    every row's key, one row of scores: added to its ``q_proj``, ``kv_proj``, ``attention``, norm,
+    rotary and softmax counts, since it runs inside that layer and its projections). ``logits_to_keep``:
     positions whose prefill logits are computed (1 in ``generate()``, 0 for all, as in a plain
     forward). ``parts``: a subset of :data:`PARTS` (default: all the config has; a tower it does
     not count raises ``NotImplementedError``, so pass ``("decoder", "lm_head")``, or
@@ -683,14 +726,19 @@ def full_flops(config: PretrainedConfig, plan: EfficiencyPlan, tokens: TokenCoun
         if "projector" in parts:
             add("prefill", 0, "projector", -1, "full", vision.projector(images))
     n, e = tokens.total, ELEMENTWISE_FLOPS
+    seen = layer_tokens(plan, tokens)
+    ranked = {layer - 1 for layer, keep in plan.keep_stages() if plan.visual_ranking == "attention" and keep > 0}
     for step in range(decode_tokens + 1):
         phase, new = ("prefill", n) if step == 0 else ("decode", 1)
         if "decoder" in parts:
             for layer, mode in enumerate(plan.modes):
                 if step == 0:
-                    add(phase, step, "decoder", layer, mode, _prefill_layer(shape, tokens, mode))
+                    counts = _prefill_layer(shape, seen[layer], mode)
+                    if layer in ranked:
+                        counts = {c: f + _ranking(shape, seen[layer].total).get(c, 0) for c, f in counts.items()}
+                    add(phase, step, "decoder", layer, mode, counts)
                 else:
-                    keys = shape.decode_keys(layer, n + step)
+                    keys = shape.decode_keys(layer, seen[layer].total + step)
                     add(phase, step, "decoder", layer, "full", _decoder_layer(shape, 1, 1, 1, keys, 0))
             add(phase, step, "decoder", -1, "full", {
                 "rotary": e["rotary_table"] * shape.rotary_tables * new * shape.head_dim,
@@ -853,7 +901,9 @@ def shortv_convention_flops(config: PretrainedConfig, plan: EfficiencyPlan, text
     Per ``full`` layer ``2(t+v)(4h+3m)h + 4(t+v)^2 h``; per ``frozen`` layer
     ``2t(4h+3m)h + 4vh^2 + 4t(t+v)h`` (``t`` text tokens, ``v`` visual, ``h`` hidden size, ``m`` MLP
     size). ``visual_tokens`` defaults to the paper's 576 (LLaVA-1.5) or 2880 (LLaVA-NeXT). The
-    convention has no other modes; a plan with ``naavit`` or ``composite`` layers is refused.
+    convention has no other modes; a plan with ``naavit`` or ``composite`` layers is refused. A plan
+    that withdraws or prunes visual tokens counts each layer's remaining ``v`` (:func:`layer_tokens`),
+    as FastV's per-layer count does.
     """
     shape = DecoderShape.from_config(config)
     plan.check_layers(shape.layers, "the config")
@@ -866,10 +916,15 @@ def shortv_convention_flops(config: PretrainedConfig, plan: EfficiencyPlan, text
         if model_type not in PAPER_VISUAL_TOKENS:
             raise ValueError(f"no paper visual-token count for model type {model_type!r}; pass visual_tokens")
         visual_tokens = PAPER_VISUAL_TOKENS[model_type]
-    t, v, h, m = text_tokens, visual_tokens, shape.hidden, shape.intermediate
-    dense = 2 * (t + v) * (4 * h + 3 * m) * h + 4 * (t + v) ** 2 * h
-    frozen = 2 * t * (4 * h + 3 * m) * h + 4 * v * h**2 + 4 * t * (t + v) * h
-    return float(sum(frozen if mode == "frozen" else dense for mode in plan.modes))
+    t, h, m = text_tokens, shape.hidden, shape.intermediate
+    total = 0
+    for mode, seen in zip(plan.modes, layer_tokens(plan, TokenCounts(0, visual_tokens, text_tokens))):
+        v = seen.visual
+        if mode == "frozen":
+            total += 2 * t * (4 * h + 3 * m) * h + 4 * v * h**2 + 4 * t * (t + v) * h
+        else:
+            total += 2 * (t + v) * (4 * h + 3 * m) * h + 4 * (t + v) ** 2 * h
+    return float(total)
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:

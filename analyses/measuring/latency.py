@@ -19,8 +19,9 @@ cache), with ``time.perf_counter`` on CPU and synchronised ``torch.cuda.Event`` 
 each warm-up round and repeat the variants run one after the other (original, planned,
 original, planned, ...) so that slow drift of a shared machine hits all of them alike.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` over a run (reset before each run; weights
-included). On CPU it is NaN: torch keeps no allocator statistics for CPU memory, and the
+The KV cache's bytes are read from its tensors at the end of each batch's decoding (on every
+device). Peak memory is ``torch.cuda.max_memory_allocated`` over a run (reset before each run;
+weights included). On CPU it is NaN: torch keeps no allocator statistics for CPU memory, and the
 process's resident size cannot be reset between variants.
 """
 
@@ -45,8 +46,10 @@ from eemllm_models.apply import applied_plan
 from eemllm_models.machine import describe
 from eemllm_models.plan import n_decoder_layers
 
+from .memory import cache_bytes
+
 SUMMARY_COLUMNS = ("variant", "prefill_ms", "prefill_ms_iqr", "decode_tokens_per_s", "decode_tokens_per_s_iqr",
-                   "peak_memory_mb", "prefill_speedup", "decode_speedup", "prefill_speedup_low",
+                   "peak_memory_mb", "kv_cache_bytes", "prefill_speedup", "decode_speedup", "prefill_speedup_low",
                    "prefill_speedup_high", "decode_speedup_low", "decode_speedup_high", "noisy", "repeats", "batch",
                    "prompt_tokens", "new_tokens", "device", "dtype")
 NOISY_SPREAD = 0.1
@@ -83,8 +86,9 @@ def _eos_ids(model: PreTrainedModel) -> list[int]:
 
 
 def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_tokens: int,
-            clock: _Clock) -> tuple[torch.Tensor, float, float]:
-    """Tokens ``[batch, new_tokens]``, prefill seconds and decode seconds."""
+            clock: _Clock) -> tuple[torch.Tensor, float, float, int]:
+    """Tokens ``[batch, new_tokens]``, prefill seconds, decode seconds and the bytes of the KV cache at the end
+    (the prompt and ``new_tokens - 1`` decoded tokens; :func:`analyses.measuring.memory.cache_bytes`)."""
     input_ids = inputs["input_ids"]
     kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
     mask = kwargs.get("attention_mask")
@@ -99,8 +103,8 @@ def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_toke
         else:
             kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # < 5.24
-    kwargs.update({cache_name: DynamicCache(config=model.config.get_text_config(decoder=True))},
-                  use_cache=True, logits_to_keep=1)
+    kv_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    kwargs.update({cache_name: kv_cache}, use_cache=True, logits_to_keep=1)
     eos = _eos_ids(model)
     if clock.cuda:
         torch.cuda.synchronize()
@@ -130,7 +134,8 @@ def _greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_toke
                                                           is_first_iteration=False, **kwargs)
         logits = model(**step_inputs, return_dict=True).logits
     done = clock.mark()
-    return torch.stack(generated, dim=1), clock.seconds(start, prefilled), clock.seconds(prefilled, done)
+    return (torch.stack(generated, dim=1), clock.seconds(start, prefilled), clock.seconds(prefilled, done),
+            cache_bytes(kv_cache))
 
 
 @torch.inference_mode()
@@ -154,7 +159,7 @@ def time_greedy(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], new_
     (CUDA events on CUDA): what :func:`measure_latency` times, for callers with their own inputs."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 to time a decoding step, got {new_tokens}")
-    _, prefill, decode = _greedy(model, inputs, new_tokens, _Clock(model.device))
+    _, prefill, decode, _ = _greedy(model, inputs, new_tokens, _Clock(model.device))
     return prefill, decode
 
 
@@ -261,6 +266,10 @@ def measure_latency(
       ``prompts * (new_tokens - 1)`` tokens over the summed decode time of all batches;
     * ``peak_memory_mb``: the largest ``torch.cuda.max_memory_allocated`` of its runs, in MiB
       (NaN on CPU);
+    * ``kv_cache_bytes``: the largest KV cache of its batches at the end of decoding (the prompt and
+      ``new_tokens - 1`` decoded tokens), in bytes, measured from the cache's tensors; it equals
+      :func:`analyses.measuring.memory.kv_cache_bytes` (a plan that withdraws visual tokens holds
+      fewer positions in the layers after the drop);
     * ``prefill_speedup`` and ``decode_speedup``: the median over repeats of the paired ratio to
       the first variant's run of the same repeat (its prefill time / this one's; this one's
       tokens/s / its), so the first variant has 1.0. Pairing runs made side by side cancels the
@@ -279,6 +288,7 @@ def measure_latency(
     device = model.device
     clock = _Clock(device)
     rows = []
+    kv_cache: dict[str, int] = {}
     bar = tqdm(total=(warmup + repeats) * len(plans) * len(batches), desc="latency", unit="batch",
                disable=not progress)
     with torch.cuda.device(device) if clock.cuda else contextlib.nullcontext():
@@ -290,7 +300,9 @@ def measure_latency(
                 try:
                     times = []
                     for batch in batches:
-                        times.append(_greedy(model, batch, new_tokens, clock)[1:])
+                        _, prefill, decode, kv_bytes = _greedy(model, batch, new_tokens, clock)
+                        times.append((prefill, decode))
+                        kv_cache[name] = max(kv_cache.get(name, 0), kv_bytes)
                         bar.update()
                 finally:
                     if handle is not None:
@@ -306,6 +318,7 @@ def measure_latency(
     bar.close()
     raw = pd.DataFrame(rows, columns=list(RAW_COLUMNS))
     summary = _summarize(raw, list(plans))
+    summary["kv_cache_bytes"] = summary.variant.map(kv_cache)
     summary["repeats"] = repeats
     summary["batch"] = batch_size
     summary["prompt_tokens"] = batches.prompt_tokens
