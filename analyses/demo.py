@@ -106,7 +106,8 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     questions of every set used, chance levels, plan, FLOPs and the prompt they were counted for),
     ``lc.nc``, ``attention.nc``, ``mode_contribution.nc`` (probes on ``probe_samples`` train-split
     prompts), ``plan.json``, ``comparison.csv`` (accuracy vs FLOPs of the policies on
-    ``compare_samples`` validation questions; both default to the model's :data:`DEMO_SIZES`), ``latency.csv``, ``pruned-model/`` (reloads with
+    ``compare_samples`` validation questions; both default to the model's :data:`DEMO_SIZES`),
+    ``latency.csv``, ``pruned-model/`` (reloads with
     ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
     model or report is replaced only with ``overwrite``.
     """
@@ -138,7 +139,8 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     if "prefill_flops_original" in flops:  # the names earlier summaries used
         flops.update(prefill_gflops_original=flops["prefill_flops_original"] / 1e9,
                      prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
-    comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens, seeds=(0, 1, 2),
+    comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens,
+                                  seeds=(0, 1, 2),
                                   batch_size=batch_size, evaluation=data)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
                               {"original": None, "pruned": plan}, warmup=1, repeats=5)

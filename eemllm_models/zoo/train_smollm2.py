@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -89,7 +90,8 @@ class ChatEncoder:
         return ids, labels
 
     def batch(self, scenes: list[shapes_vqa.Scene], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, ``pixel_values``, cell labels ``[B, 9]``."""
+        """Right-padded ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, ``pixel_values``, cell labels
+        ``[B, 9]``."""
         seqs = [self.sequence(s, rng) for s in scenes]
         width = max(len(ids) for ids, _ in seqs)
         ids = torch.full((len(seqs), width), self.tok.pad_token_id)
@@ -185,13 +187,31 @@ def adapters_of(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]
     return found
 
 
+@torch.no_grad()
+def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.Tensor]) -> None:
+    """Put a shipped ``trained.safetensors`` ``state`` (tower, projector, adapters) into ``model`` with its
+    peft adapters in place (a later stage continues where an earlier one stopped)."""
+    for name, tensor in adapters_of(model).items():
+        tensor.copy_(state[name])
+    inner = model.model
+    for part in ("vision_tower", "multi_modal_projector"):
+        getattr(inner, part).load_state_dict({k[len(part) + 1:]: v for k, v in state.items()
+                                              if k.startswith(part + ".")}, strict=True)
+
+
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
-          bf16: bool = True) -> dict:
-    """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring)."""
+          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0) -> dict:
+    """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
+
+    From the assembled model, or continuing from the weights a previous stage wrote into ``init_from``;
+    step ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a later stage that starts
+    where an earlier one stopped sees only new scenes."""
     code = _code_version()
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
+    if init_from is not None:
+        continue_from(model, load_file(Path(init_from) / smollm2_shapes.TRAINED_FILE))
     encoder = ChatEncoder(processor, model.config.image_seq_length)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     patch_cells = _patch_cells()
@@ -218,7 +238,8 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     bar = tqdm(range(steps), desc=f"training {smollm2_shapes.NAME}")
     model.train()
     for step in bar:
-        scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", step * batch_size + j)) for j in range(batch_size)]
+        first = first_scene + step * batch_size
+        scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", first + j)) for j in range(batch_size)]
         batch = encoder.batch(scenes, data_rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -247,7 +268,13 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "tower_lr": tower_lr, "aux_weight": aux_weight,
             "seed": seed, "bf16_autocast": bf16, "minutes": (time.time() - start) / 60,
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-            "code": code, "trained_parameters": n_trained, "log": log}
+            "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
+            "first_scene": first_scene, "log": log}
+    previous = None if init_from is None else Path(init_from) / "training_log.json"
+    if previous is not None and previous.is_file():
+        before = json.loads(previous.read_text())
+        info["previous_stages"] = [*before.pop("previous_stages", []),
+                                   {k: v for k, v in before.items() if k not in ("test", "parameters")}]
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     return info
 
@@ -255,7 +282,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the trained weights")
-    parser.add_argument("--steps", type=int, default=520)
+    parser.add_argument("--steps", type=int, default=460)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tower-lr", type=float, default=2e-4)
@@ -263,9 +290,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=65)
     parser.add_argument("--val-rows", type=int, default=70)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    parser.add_argument("--init-from", type=Path, default=None, help="continue from the weights a stage wrote here")
+    parser.add_argument("--first-scene", type=int, default=0, help="index of the first train-split scene")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
-          eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16)
+          eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
+          first_scene=args.first_scene)
 
 
 if __name__ == "__main__":
