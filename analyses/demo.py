@@ -140,8 +140,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
         flops.update(prefill_gflops_original=flops["prefill_flops_original"] / 1e9,
                      prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
     comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens,
-                                  seeds=(0, 1, 2),
-                                  batch_size=batch_size, evaluation=data)
+                                  seeds=(0, 1, 2), batch_size=batch_size, evaluation=data)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
                               {"original": None, "pruned": plan}, warmup=1, repeats=5)
     summary = {
