@@ -171,6 +171,42 @@ def _gather_positions(position_ids: torch.Tensor | None, index: torch.Tensor, se
     return full.gather(-1, index.expand(*lead, *index.shape))
 
 
+def short_layer_kwargs(kwargs: dict, kept: Rows, seq: int, dtype: torch.dtype,
+                       derived: Callable[[object, tuple, Callable], object] | None = None) -> dict:
+    """A decoder layer's keyword arguments ``kwargs`` for a full sequence of ``seq`` tokens, restricted to the
+    ``kept`` rows (:class:`~eemllm_models.modes.Rows`, ``[batch, n]``): the model's mask ``[batch|1, 1, n, n]``
+    (a kept row that may see no kept key sees itself), the rotary ``cos``/``sin`` ``[batch, n, head_dim]``
+    (tokens keep their original positions) and ``position_ids`` at those rows. ``derived``: a
+    :meth:`~eemllm_models.modes.CallCache.derived` that computes each once per call (default: computed here)."""
+    derived = derived or (lambda name, sources, compute: compute())
+    mask = kwargs.get("attention_mask")
+    pe = kwargs.get("position_embeddings")
+    short = dict(kwargs)
+
+    def short_mask() -> torch.Tensor:
+        allowed = allowed_keys(mask, kept.index.shape[0], seq, seq, kept.index.device)
+        n = kept.n
+        rows = allowed.gather(2, kept.index[:, None, :, None].expand(-1, 1, -1, seq))
+        cols = rows.gather(3, kept.index[:, None, None, :].expand(-1, 1, n, -1)) & kept.ok[:, None, None, :]
+        alone = ~cols.any(-1, keepdim=True) & torch.eye(n, dtype=torch.bool, device=cols.device)
+        return as_model_mask(cols | alone, mask, dtype)
+
+    if mask is not None and mask.shape[-1] != seq:
+        raise NotImplementedError(f"withdrawing visual tokens needs the prompt in one call from an empty KV "
+                                  f"cache (the mask has {mask.shape[-1]} keys for {seq} tokens)")
+    short["attention_mask"] = derived(("short_mask", dtype), (mask,), short_mask)
+    if pe is not None:
+        if pe[0].dim() != 3:
+            raise NotImplementedError("withdrawing visual tokens needs the rotary tables as (cos, sin), each "
+                                      "[batch, seq, head_dim]; this model passes another form")
+        short["position_embeddings"] = derived("short_rotary", tuple(pe), lambda: tuple(
+            kept.take(t.expand(kept.index.shape[0], -1, -1)) for t in pe))
+    if "position_ids" in kwargs:
+        short["position_ids"] = derived("short_positions", (kwargs["position_ids"],), lambda: (
+            _gather_positions(kwargs["position_ids"], kept.index, seq)))
+    return short
+
+
 @dataclass
 class PromptCall:
     """The withdrawal state of one forward call over a prompt with image tokens (see the module notes).
@@ -345,33 +381,7 @@ class PromptCall:
 
     def _short_kwargs(self, stage: Stage, kwargs: dict, dtype: torch.dtype) -> dict:
         """The layer's keyword arguments for the stage's short sequence: its mask, rotary tables and positions."""
-        kept, seq = stage.kept, self.layout.visual.shape[1]
-        mask = kwargs.get("attention_mask")
-        pe = kwargs.get("position_embeddings")
-        short = dict(kwargs)
-
-        def short_mask() -> torch.Tensor:
-            allowed = allowed_keys(mask, kept.index.shape[0], seq, seq, kept.index.device)
-            n = kept.n
-            rows = allowed.gather(2, kept.index[:, None, :, None].expand(-1, 1, -1, seq))
-            cols = rows.gather(3, kept.index[:, None, None, :].expand(-1, 1, n, -1)) & kept.ok[:, None, None, :]
-            alone = ~cols.any(-1, keepdim=True) & torch.eye(n, dtype=torch.bool, device=cols.device)
-            return as_model_mask(cols | alone, mask, dtype)
-
-        if mask is not None and mask.shape[-1] != seq:
-            raise NotImplementedError(f"withdrawing visual tokens needs the prompt in one call from an empty KV "
-                                      f"cache (the mask has {mask.shape[-1]} keys for {seq} tokens)")
-        short["attention_mask"] = stage.call.derived(("short_mask", dtype), (mask,), short_mask)
-        if pe is not None:
-            if pe[0].dim() != 3:
-                raise NotImplementedError("withdrawing visual tokens needs the rotary tables as (cos, sin), each "
-                                          "[batch, seq, head_dim]; this model passes another form")
-            short["position_embeddings"] = stage.call.derived("short_rotary", tuple(pe), lambda: tuple(
-                kept.take(t.expand(kept.index.shape[0], -1, -1)) for t in pe))
-        if "position_ids" in kwargs:
-            short["position_ids"] = stage.call.derived("short_positions", (kwargs["position_ids"],), lambda: (
-                _gather_positions(kwargs["position_ids"], kept.index, seq)))
-        return short
+        return short_layer_kwargs(kwargs, stage.kept, self.layout.visual.shape[1], dtype, stage.call.derived)
 
     def _returns_full(self, index: int) -> bool:
         last = index == len(self.layers) - 1
