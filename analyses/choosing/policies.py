@@ -18,6 +18,12 @@ From mode contributions (``probes.mode_contribution``), mixing ``frozen``, ``naa
 ``shortv_within_tolerance`` picks ShortV's ``k`` as the largest whose measured accuracy drop is
 within a tolerance.
 
+Token withdrawal and pruning (a plan's ``visual_keep``):
+
+* ``withdraw_plan``: VTW's rule on a ``probes.withdrawal_contribution`` result: withdraw every visual
+  token from the earliest layer whose withdrawal contribution stays under a tolerance;
+* ``prune_tokens_plan``: FastV's plan, keeping the most attended share of visual tokens from a layer on.
+
 Held out: the ``accuracy`` that ``greedy`` and ``shortv_within_tolerance`` choose by must be measured
 on a *selection* set (shapes-vqa ``validation``), never on the set the chosen plan is finally scored on
 (``test``); ``analyses.choosing.compare.accuracy_on(..., evaluation=...)`` checks the two are disjoint. The
@@ -211,3 +217,62 @@ def shortv_within_tolerance(lc: xr.Dataset, accuracy: Callable[[EfficiencyPlan],
     return freeze_plan(lc, best).with_provenance(tolerance=tolerance, baseline_accuracy=measured[0],
                                                  accuracy=measured[best], **_selection(accuracy),
                                                  accuracy_by_k={str(k): v for k, v in measured.items()})
+
+
+def _check_withdrawal_result(result: xr.Dataset) -> None:
+    if result.attrs.get("probe") != "withdrawal_contribution" or "withdrawal_contribution" not in result:
+        raise ValueError("withdraw_plan needs a withdrawal_contribution result (probes.withdrawal_contribution); got a "
+                         f"{result.attrs.get('probe', 'non-probe')!r} dataset")
+
+
+def _with_flops(plan: EfficiencyPlan, config: PretrainedConfig | None, tokens: TokenCounts | None) -> EfficiencyPlan:
+    """``plan`` with its FLOPs ratios in its provenance when ``config`` and ``tokens`` are given."""
+    if (config is None) != (tokens is None):
+        raise ValueError("pass both config and tokens to record the plan's FLOPs, or neither")
+    return plan if config is None else plan.with_provenance(**flops_provenance(config, plan, tokens))
+
+
+def withdraw_plan(result: xr.Dataset, tolerance: float, upper: bool = False, config: PretrainedConfig | None = None,
+                  tokens: TokenCounts | None = None) -> EfficiencyPlan:
+    """VTW: withdraw every visual token from the earliest layer ``l`` whose withdrawal contribution, and that of
+    every deeper layer, is at most ``tolerance`` (nats).
+
+    ``result``: a ``probes.withdrawal_contribution`` result (``withdrawal_contribution`` ``[sample, layer]``
+    over layers 1 .. L-1). The contribution compared is the mean over samples, or with ``upper`` the
+    bootstrap interval's upper end (``withdrawal_contribution_high``). On a curve that falls with depth
+    this is VTW's earliest layer under the threshold; requiring the deeper layers too keeps one lucky
+    dip from withdrawing early. ``config`` and ``tokens``: record the plan's FLOPs ratios
+    (:func:`~analyses.measuring.flops.flops_provenance`). The provenance names the policy, the
+    tolerance, the layer and its contribution, and the probe result.
+    """
+    _check_withdrawal_result(result)
+    if tolerance < 0:
+        raise ValueError(f"tolerance is a divergence in nats (>= 0), got {tolerance}")
+    if upper and "withdrawal_contribution_high" not in result:
+        raise ValueError("upper=True needs withdrawal_contribution_high (probes.withdrawal_contribution adds it)")
+    values = result.withdrawal_contribution_high if upper else result.withdrawal_contribution.mean("sample")
+    layers = [int(layer) for layer in values.layer.values]
+    scores = [float(values.sel(layer=layer)) for layer in layers]
+    n_layers = int(result.attrs.get("n_layers", layers[-1] + 1))
+    under = [all(score <= tolerance for score in scores[i:]) for i in range(len(layers))]
+    if not any(under):
+        raise ValueError(f"no layer's withdrawal contribution stays under {tolerance} nats (the last layer's is "
+                         f"{scores[-1]:.4g}); raise the tolerance")
+    chosen = under.index(True)
+    plan = EfficiencyPlan.withdraw(n_layers, layers[chosen]).with_provenance(
+        policy="withdraw", tolerance=tolerance, from_layer=layers[chosen], contribution=scores[chosen],
+        contribution_statistic="interval high" if upper else "mean", **_probe_provenance(result))
+    return _with_flops(plan, config, tokens)
+
+
+def prune_tokens_plan(n_layers: int, layer: int, keep: float, ranking: str = "attention",
+                      config: PretrainedConfig | None = None, tokens: TokenCounts | None = None) -> EfficiencyPlan:
+    """FastV: from ``layer`` on keep the share ``keep`` of each prompt's visual tokens that the last prompt position
+    attends to most at layer ``layer - 1`` (FastV's K = 2, R = 50% is ``prune_tokens_plan(n, 2, 0.5)``);
+    ``ranking="stride"`` keeps evenly spaced tokens instead (a control). ``config`` and ``tokens``: record the
+    plan's FLOPs ratios (:func:`~analyses.measuring.flops.flops_provenance`)."""
+    if not 0 <= keep < 1:
+        raise ValueError(f"keep is the share of visual tokens kept, in [0, 1), got {keep}; 1 prunes nothing")
+    plan = EfficiencyPlan.prune_tokens(n_layers, layer, keep, ranking).with_provenance(
+        policy="fastv", from_layer=layer, keep=keep)
+    return _with_flops(plan, config, tokens)
