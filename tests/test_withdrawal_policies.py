@@ -1,13 +1,24 @@
-"""VTW's withdraw_plan and FastV's prune_tokens_plan: from a withdrawal contribution result to a plan."""
+"""VTW's withdraw_plan, FastV's prune_tokens_plan and the budget policy mixing withdrawal with layer modes."""
 
 import numpy as np
 import pytest
 import torch
 import xarray as xr
+from transformers import LlamaConfig
 
 import probes
-from analyses.choosing.policies import prune_tokens_plan, withdraw_plan
-from analyses.measuring.flops import TokenCounts, flops_figures, load_config
+from analyses.choosing.policies import (
+    budget_plan,
+    prune_tokens_plan,
+    withdraw_plan,
+    withdrawal_candidates,
+)
+from analyses.measuring.flops import (
+    TokenCounts,
+    flops_figures,
+    flops_ratio,
+    load_config,
+)
 from eemllm_models import EfficiencyPlan, build_prompt, load_shapes_vqa
 from eemllm_models.zoo import build
 from probes.uncertainty import with_intervals
@@ -66,3 +77,35 @@ def test_withdraw_plan_from_a_measured_result_runs_on_the_model():
                       return_tensors="pt")
     with torch.no_grad(), plan.applied(model):
         assert model(**batch).logits.isfinite().all()
+
+
+def _mode_result(contribution) -> xr.Dataset:
+    values = np.array(contribution, dtype=float)[None].repeat(2, axis=0)
+    return xr.Dataset({"contribution": (("sample", "layer", "mode"), values)},
+                      coords={"sample": ["a", "b"], "layer": range(values.shape[1]),
+                              "mode": ["frozen", "naavit", "composite"]},
+                      attrs={"probe": "mode_contribution", "model": "m", "divergence": "kl"})
+
+
+CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+TOKENS = TokenCounts(text_before=5, visual=100, text_after=20)
+
+
+def test_budget_mixes_withdrawal_with_layer_modes_cheapest_loss_first():
+    modes = _mode_result([[0.5, 0.1, 0.6], [0.01, 0.001, 0.02], [0.3, 0.2, 0.4], [0.02, 0.01, 0.03]])
+    cheap = _result([5.0, 1e-4, 1e-5])  # withdrawing from layer 2 costs almost nothing
+    plan = budget_plan(modes, CONFIG, TOKENS, target=0.5, withdrawal=cheap)
+    assert plan.visual_keep == [1, 1, 0, 0] and plan.provenance["withdrawn_from"] == 2
+    assert plan.modes[2:] == ["full", "full"] and plan.modes[1] != "full"  # layer 1's cheap mode joins it
+    assert flops_ratio(CONFIG, plan, TOKENS) <= 0.5 == plan.provenance["target"]
+    costly = _result([5.0, 4.0, 3.0])
+    assert budget_plan(modes, CONFIG, TOKENS, 0.6, withdrawal=costly).modes == budget_plan(modes, CONFIG, TOKENS,
+                                                                                           0.6).modes
+    assert not budget_plan(modes, CONFIG, TOKENS, 0.6, withdrawal=costly).withdraws
+    candidates = withdrawal_candidates(cheap, CONFIG, TOKENS)
+    assert candidates.layer.tolist() == [1, 2, 3] and candidates.saved_flops.is_monotonic_decreasing
+    with pytest.raises(ValueError, match="divergence 'js' but the mode contributions 'kl'"):
+        budget_plan(modes, CONFIG, TOKENS, 0.5, withdrawal=cheap.assign_attrs(divergence="js"))
+    with pytest.raises(ValueError, match="of a 3-layer model but the config has 4 layers"):
+        withdrawal_candidates(_result([0.1, 0.2]), CONFIG, TOKENS)

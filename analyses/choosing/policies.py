@@ -22,6 +22,8 @@ Token withdrawal and pruning (a plan's ``visual_keep``):
 
 * ``withdraw_plan``: VTW's rule on a ``probes.withdrawal_contribution`` result: withdraw every visual
   token from the earliest layer whose withdrawal contribution stays under a tolerance;
+* ``budget`` with ``withdrawal=`` that result: withdrawal from a layer on joins the layer modes as
+  one more change, ranked by its measured loss per saved FLOP;
 * ``prune_tokens_plan``: FastV's plan, keeping the most attended share of visual tokens from a layer on.
 
 Held out: the ``accuracy`` that ``greedy`` and ``shortv_within_tolerance`` choose by must be measured
@@ -123,32 +125,84 @@ def change_candidates(modes: xr.Dataset, config: PretrainedConfig, tokens: Token
     return frame.sort_values(["cost", "layer"], kind="stable").reset_index(drop=True)
 
 
-def budget_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts, target: float) -> EfficiencyPlan:
+def withdrawal_candidates(result: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts) -> pd.DataFrame:
+    """Every withdrawal "all visual tokens leave from layer ``l`` on" of a ``probes.withdrawal_contribution``
+    result as a change of :func:`change_candidates`' form (``mode`` ``"withdraw"``): its mean contribution and
+    the decoder prefill FLOPs it saves against the original model (its later layers see text only)."""
+    _check_withdrawal_result(result)
+    shape = DecoderShape.from_config(config)
+    n_layers = int(result.attrs.get("n_layers", shape.layers))
+    if n_layers != shape.layers:
+        raise ValueError(f"the withdrawal contributions are of a {n_layers}-layer model but the config has "
+                         f"{shape.layers} layers; probe this model (probes.withdrawal_contribution)")
+    text = TokenCounts(tokens.text_before, 0, tokens.text_after)
+    full = sum(layer_flops(shape, tokens, "full").values())
+    saved_per_layer = full - sum(layer_flops(shape, text, "full").values())
+    mean = result.withdrawal_contribution.mean("sample")
+    frame = pd.DataFrame([{"layer": int(layer), "mode": "withdraw", "contribution": float(mean.sel(layer=layer)),
+                           "saved_flops": (shape.layers - int(layer)) * saved_per_layer}
+                          for layer in mean.layer.values])
+    frame = frame[frame.saved_flops > 0].copy()
+    frame["cost"] = frame.contribution.clip(lower=0) / (frame.saved_flops / 1e9)
+    return frame.reset_index(drop=True)
+
+
+def _mixed_plan(n_layers: int, chosen: dict[int, str], withdrawn_from: int | None) -> EfficiencyPlan:
+    """The modes of ``chosen`` with every visual token withdrawn from ``withdrawn_from`` on (None: kept);
+    layers after the withdrawal run ``full`` (a mode changes nothing without visual tokens)."""
+    if withdrawn_from is None:
+        return EfficiencyPlan.from_layers(n_layers, chosen)
+    kept_modes = {i: m for i, m in chosen.items() if i < withdrawn_from}
+    keep = EfficiencyPlan.withdraw(n_layers, withdrawn_from).visual_keep
+    return EfficiencyPlan.from_layers(n_layers, kept_modes).with_visual_keep(keep)
+
+
+def budget_plan(modes: xr.Dataset, config: PretrainedConfig, tokens: TokenCounts, target: float,
+                withdrawal: xr.Dataset | None = None) -> EfficiencyPlan:
     """Reach decoder prefill FLOPs of at most ``target`` × the original by mixing ``frozen``, ``naavit``
-    and ``composite`` per layer, cheapest loss first.
+    and ``composite`` per layer (and, given ``withdrawal``, VTW withdrawal from a layer on), cheapest loss
+    first.
 
     Changes are taken in :func:`change_candidates` order; a layer takes a later change only when it
     saves more than the one it has. ``modes`` is a ``probes.mode_contribution`` result, ``tokens``
-    the prompt's token counts (:meth:`TokenCounts.from_layout`).
+    the prompt's token counts (:meth:`TokenCounts.from_layout`). ``withdrawal``: a
+    ``probes.withdrawal_contribution`` result of the same model, divergence and positions, whose
+    :func:`withdrawal_candidates` join the order; a withdrawal is taken only when it starts earlier than
+    the one the plan has, and layer modes at or after it are dropped (its layers see no visual token).
     """
     if not 0 < target <= 1:
         raise ValueError(f"the FLOPs target is a share of the original in (0, 1], got {target}")
     candidates = change_candidates(modes, config, tokens)
+    if withdrawal is not None:
+        if withdrawal.attrs.get("divergence") != modes.attrs.get("divergence"):
+            raise ValueError(f"the withdrawal contributions use divergence {withdrawal.attrs.get('divergence')!r} but "
+                             f"the mode contributions {modes.attrs.get('divergence')!r}; probe both with the same one")
+        candidates = (pd.concat([candidates, withdrawal_candidates(withdrawal, config, tokens)], ignore_index=True)
+                      .sort_values(["cost", "layer"], kind="stable").reset_index(drop=True))
     n_layers = modes.sizes["layer"]
     chosen: dict[int, str] = {}
     saved: dict[int, float] = {}
+    withdrawn_from: int | None = None
     plan = EfficiencyPlan.empty(n_layers)
     for change in candidates.itertuples():
         if flops_ratio(config, plan, tokens) <= target:
             break
-        if change.saved_flops > saved.get(change.layer, 0.0):
+        if change.mode == "withdraw":
+            if withdrawn_from is not None and change.layer >= withdrawn_from:
+                continue
+            withdrawn_from = change.layer
+        elif (withdrawn_from is not None and change.layer >= withdrawn_from
+              or change.saved_flops <= saved.get(change.layer, 0.0)):
+            continue
+        else:
             chosen[change.layer], saved[change.layer] = change.mode, change.saved_flops
-            plan = EfficiencyPlan.from_layers(n_layers, chosen)
+        plan = _mixed_plan(n_layers, chosen, withdrawn_from)
     ratio = flops_ratio(config, plan, tokens)
     if ratio > target:
         raise ValueError(f"no mix of modes reaches {target:.0%} of the original FLOPs for these token counts "
                          f"(the cheapest plan found costs {ratio:.0%}); choose a higher target")
-    return plan.with_provenance(policy="budget", target=target, **flops_provenance(config, plan, tokens),
+    mixed = {} if withdrawal is None else {"withdrawn_from": withdrawn_from}
+    return plan.with_provenance(policy="budget", target=target, **mixed, **flops_provenance(config, plan, tokens),
                                 **_probe_provenance(modes))
 
 
