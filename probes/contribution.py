@@ -25,21 +25,23 @@ MLP) is removed too, i.e. when it runs ``frozen`` instead. The result's attrs re
 **Reference**: the plain version: for each layer and intervention, a full forward pass of the
 model with a forward hook (groups) or the model's plan with layer ``l`` changed (modes), every
 plan in its reference implementation. It is what the sweep is tested against and what the cost
-benchmark times.
+benchmark times. A plan that withdraws visual tokens (``visual_keep``) is measured by the
+reference's mode contributions only (its withdrawal kept); the sweep and ``layer_contribution``
+refuse it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import xarray as xr
 from transformers import PreTrainedModel, ProcessorMixin
 
-from eemllm_models import EfficiencyPlan, TokenLayout, token_layout
+from eemllm_models import TokenLayout, token_layout
 from eemllm_models.apply import applied_plan, current_plan, running
 from eemllm_models.families import family_of
 from eemllm_models.modes import RowSplit, fast_forward, gather_rows
@@ -136,6 +138,9 @@ def sweep_contributions(model: PreTrainedModel, batch: PromptedBatch, interventi
     already taken.
     """
     layers = family_of(model).decoder_layers(model)
+    if current_plan(model).withdraws:
+        raise NotImplementedError("the contribution sweep reruns layers that see every visual token; this model's plan "
+                                  "withdraws some: use implementation='reference' (mode_contribution)")
     current = current_plan(model).modes
     handle = applied_plan(model)
     kept = trace(model, batch.inputs) if kept is None else kept
@@ -189,7 +194,7 @@ def reference_contributions(model: PreTrainedModel, batch: PromptedBatch, interv
             else:
                 modes = list(plan.modes)
                 modes[layer] = what
-                with running(model, EfficiencyPlan(modes), "reference"):
+                with running(model, replace(plan, modes=modes), "reference"):  # its visual_keep too
                     changed = log_probs()
             out[:, layer, k] = _mean_over_positions(divergence(original, changed, divergence_name),
                                                     batch.position_mask).cpu()
@@ -254,6 +259,10 @@ def layer_contribution(
     """
     _check_divergence(divergence)
     contributions = _contributions(implementation)
+    if current_plan(model).withdraws:
+        raise NotImplementedError("layer_contribution traces every layer's visual rows; this model's plan withdraws "
+                                  "visual tokens: measure it with mode_contribution(implementation='reference') "
+                                  "(its frozen contribution is the visual Layer Contribution)")
     spec = ProbeInputs(dataset, samples, seed, batch_size, positions, prompt_template, **columns)
 
     def probe(batch: PromptedBatch) -> xr.Dataset:

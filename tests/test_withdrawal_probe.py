@@ -97,3 +97,19 @@ def test_withdrawal_contribution_result_is_labelled_data(tmp_path):
         probes.withdrawal_contribution(model, processor, data, samples=2, keeps=(0.0,))
     with pytest.raises(ValueError, match="implementation must be one of"):
         probes.withdrawal_contribution(model, processor, data, samples=2, implementation="fast")
+
+
+def test_mode_contribution_reference_keeps_the_plans_withdrawal():
+    """On a model whose plan withdraws visual tokens from layer 2, only layer 0's mode reaches the text: layer 1's
+    visual outputs feed only layer 2's visual rows, which are gone. The sweep and layer_contribution refuse such a
+    plan, saying what works."""
+    from probes.contribution import reference_contributions, sweep_contributions
+
+    model, batch = _tiny("llava")
+    with torch.no_grad(), EfficiencyPlan.withdraw(4, 2).applied(model):
+        values = reference_contributions(model, batch, ("frozen", "naavit", "composite"))
+        with pytest.raises(NotImplementedError, match="implementation='reference'"):
+            sweep_contributions(model, batch, ("frozen",))
+        with pytest.raises(NotImplementedError, match=r"mode_contribution\(implementation='reference'\)"):
+            probes.layer_contribution(model, None, None)
+    assert (values[:, 1:].abs() < 1e-6).all() and (values[:, 0] > 1e-6).all()
