@@ -340,7 +340,9 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _describe_modes(plan) -> str:
+    """What ``plan`` changes: its layer modes, and where it keeps fewer visual tokens."""
     changed = [f"{len(plan.layers(m))} {m} layers" for m in ("frozen", "naavit", "composite") if plan.layers(m)]
+    changed += [f"visual tokens kept from layer {layer}: {keep:g}" for layer, keep in plan.keep_stages()]
     return ", ".join(changed) or "no layer changed"
 
 
