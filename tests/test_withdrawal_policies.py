@@ -109,3 +109,16 @@ def test_budget_mixes_withdrawal_with_layer_modes_cheapest_loss_first():
         budget_plan(modes, CONFIG, TOKENS, 0.5, withdrawal=cheap.assign_attrs(divergence="js"))
     with pytest.raises(ValueError, match="of a 3-layer model but the config has 4 layers"):
         withdrawal_candidates(_result([0.1, 0.2]), CONFIG, TOKENS)
+
+
+def test_the_comparison_benchmark_puts_every_method_side_by_side_at_the_target():
+    from analyses.measuring.bench_withdrawal import compare
+
+    table = compare(probe_samples=4, test_rows=14, latency_prompts=2, new_tokens=4, repeats=1).set_index("method")
+    assert list(table.index) == ["original", "shortv", "naavit", "composite", "vtw", "fastv", "budget"]
+    reached = table.drop(index=["original", "naavit", "composite"])  # those two save too little to reach 0.5
+    assert (reached.flops_ratio <= 0.5).all()
+    assert (table.n == 14).all() and (table.accuracy_low <= table.accuracy).all()
+    assert table.kv_cache_bytes["vtw"] < table.kv_cache_bytes["original"]
+    planned = table.drop(index="original")
+    assert planned.difference.between(planned.difference_low, planned.difference_high).all()
