@@ -386,12 +386,20 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_wei
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "code": code, "log": log,
     }
-    previous = None if init_from is None else Path(init_from) / "training_log.json"
-    if previous is not None and previous.is_file():
-        before = json.loads(previous.read_text())
-        info["previous_stages"] = [*before.pop("previous_stages", []), {k: v for k, v in before.items() if k != "test"}]
+    if init_from is not None:
+        info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     return info
+
+
+def earlier_stages(init_from: Path, results: tuple[str, ...] = ("test", "test_rows", "parameters")) -> list[dict]:
+    """The training stages that made the model in ``init_from`` (its ``training_log.json``, earlier stages
+    first), without the measured ``results`` of the last one; ``[]`` when it has no log."""
+    previous = init_from / "training_log.json"
+    if not previous.is_file():
+        return []
+    before = json.loads(previous.read_text())
+    return [*before.pop("previous_stages", []), {k: v for k, v in before.items() if k not in results}]
 
 
 def _code_version() -> str | None:

@@ -54,7 +54,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from ..files import atomic_write_text
 from ..machine import cpu_name
 from . import shapes_vqa, smollm2_shapes
-from .train import AuxHeads, _code_version, _patch_cells, _pixel_values, evaluate
+from .train import AuxHeads, _code_version, _patch_cells, earlier_stages, _pixel_values, evaluate
 
 
 class ChatEncoder:
@@ -270,11 +270,8 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
             "first_scene": first_scene, "log": log}
-    previous = None if init_from is None else Path(init_from) / "training_log.json"
-    if previous is not None and previous.is_file():
-        before = json.loads(previous.read_text())
-        info["previous_stages"] = [*before.pop("previous_stages", []),
-                                   {k: v for k, v in before.items() if k not in ("test", "parameters")}]
+    if init_from is not None:
+        info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     return info
 
