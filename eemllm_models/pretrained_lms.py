@@ -119,6 +119,17 @@ def sha256_of(parts: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def checked_gguf(source: GGUFSource) -> tuple[list[Path], str]:
+    """The installed parts of ``source``'s GGUF (:func:`gguf_parts`) and their SHA-256, after checking it is the
+    recorded one: :class:`ChecksumMismatch` naming both hashes and the reinstall command when it is not."""
+    parts = gguf_parts(source)
+    found = sha256_of(parts)
+    if found != source.sha256:
+        raise ChecksumMismatch(f"the installed GGUF of {source.name} ({', '.join(map(str, parts))}) has SHA-256 "
+                               f"{found}, not the recorded {source.sha256}; reinstall it with:\n    {source.install}")
+    return parts, found
+
+
 def _dequantise(source: GGUFSource, parts: list[Path], folder: Path) -> None:
     """Write ``source``'s model and tokenizer, dequantised to float32, as safetensors into ``folder``."""
     if importlib.util.find_spec("gguf") is None:
@@ -158,11 +169,7 @@ def load_pretrained_lm(name: str, dtype: torch.dtype = torch.float32, **tokenize
     if name not in SOURCES:
         raise ValueError(f"unknown pretrained language model {name!r}; choose from {sorted(SOURCES)}")
     source = SOURCES[name]
-    parts = gguf_parts(source)
-    found = sha256_of(parts)
-    if found != source.sha256:
-        raise ChecksumMismatch(f"the installed GGUF of {name} ({', '.join(map(str, parts))}) has SHA-256 {found}, "
-                               f"not the recorded {source.sha256}; reinstall it with:\n    {source.install}")
+    parts, found = checked_gguf(source)
     folder = cache_dir() / f"{name}-{found[:16]}"
     if not (folder / "config.json").is_file():
         atomic_write_dir(folder, lambda tmp: _dequantise(source, parts, tmp))
