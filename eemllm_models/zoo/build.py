@@ -84,17 +84,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor() -> LlavaProcessor:
-    """The default model's ``LlavaProcessor`` (CLIP image processor at 160 px + tokenizer)."""
+def build_image_processor() -> CLIPImageProcessor:
+    """The CLIP image processor of the zoo's LLaVA models: shapes-vqa's 160 px images, CLIP's normalisation."""
     size = shapes_vqa.IMAGE_SIZE
-    image_processor = CLIPImageProcessor(
+    return CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
+
+
+def build_processor() -> LlavaProcessor:
+    """The default model's ``LlavaProcessor`` (CLIP image processor at 160 px + tokenizer)."""
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=build_image_processor(),
         tokenizer=build_tokenizer(),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",

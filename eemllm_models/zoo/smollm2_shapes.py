@@ -22,23 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (
-    CLIPImageProcessor,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from ..files import atomic_write, atomic_write_dir
 from ..loading import ModelLoadError, check_model_dir, save_model_dir, sha256
-from ..pretrained_lms import (
-    SOURCES,
-    ChecksumMismatch,
-    cache_dir,
-    gguf_parts,
-    load_pretrained_lm,
-    sha256_of,
-)
+from ..pretrained_lms import SOURCES, cache_dir, checked_gguf, load_pretrained_lm
 from . import build, default_model_path, shapes_vqa
 
 NAME = "smollm2-shapes"
@@ -47,6 +35,8 @@ TRAINED_FILE = "trained.safetensors"
 SOURCE_FILE = "source.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_RANK, LORA_ALPHA = 8, 16
+VISION_PARTS = ("vision_tower", "multi_modal_projector")
+"""The parts of ``model.model`` that ship whole (the adapters ship as factors)."""
 
 # SmolLM2-Instruct's ChatML turns without its default system prompt; images first in a user turn.
 CHAT_TEMPLATE = (
@@ -67,9 +57,7 @@ def shipped_dir() -> Path:
 def build_processor(tokenizer) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: the default model's CLIP image processor (160 px) and ``tokenizer``
     (SmolLM2's, with ``<image>`` added)."""
-    default = build.build_processor()
-    return LlavaProcessor(image_processor=CLIPImageProcessor(**default.image_processor.to_dict()),
-                          tokenizer=tokenizer, patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
+    return LlavaProcessor(image_processor=build.build_image_processor(), tokenizer=tokenizer, patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
                           chat_template=CHAT_TEMPLATE, image_token=build.IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
@@ -122,21 +110,24 @@ def _match_text_scale(model: LlavaForConditionalGeneration, processor: LlavaProc
 def trained_state(model: torch.nn.Module, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What ships: the tower and projector of ``model`` under their ``model.`` names, and ``adapters``
     (``{module name}.lora_A`` ``[r, in]`` / ``.lora_B`` ``[out, r]``, module names as in ``model``)."""
-    inner = model.model
-    state = {f"vision_tower.{k}": v for k, v in inner.vision_tower.state_dict().items()}
-    state |= {f"multi_modal_projector.{k}": v for k, v in inner.multi_modal_projector.state_dict().items()}
+    state = {f"{part}.{k}": v for part in VISION_PARTS for k, v in getattr(model.model, part).state_dict().items()}
     return {k: v.detach().float().contiguous() for k, v in (state | adapters).items()}
+
+
+@torch.no_grad()
+def load_vision_side(model: LlavaForConditionalGeneration, state: dict[str, torch.Tensor]) -> None:
+    """Load the tower and projector of a shipped ``state`` (:func:`trained_state`) into ``model``."""
+    for part in VISION_PARTS:
+        getattr(model.model, part).load_state_dict({k[len(part) + 1:]: v for k, v in state.items()
+                                                    if k.startswith(part + ".")}, strict=True)
 
 
 @torch.no_grad()
 def apply_trained(model: LlavaForConditionalGeneration, state: dict[str, torch.Tensor]) -> None:
     """Load the shipped tower and projector into ``model`` and merge each adapter into its linear layer:
     ``W += (LORA_ALPHA / LORA_RANK) * B @ A``."""
-    inner = model.model
+    load_vision_side(model, state)
     adapters = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
-    for part in ("vision_tower", "multi_modal_projector"):
-        own = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-        getattr(inner, part).load_state_dict(own, strict=True)
     modules = dict(model.named_modules())
     for key in sorted(adapters):
         if key.endswith(".lora_A"):
@@ -164,13 +155,11 @@ def model_dir() -> Path:
     one, and :class:`~eemllm_models.loading.ModelLoadError` when the install or a cached copy is damaged.
     """
     source = _source()
-    lm = SOURCES[LM]
-    parts = gguf_parts(lm)
-    found = sha256_of(parts)
+    _, found = checked_gguf(SOURCES[LM])
     if found != source["gguf_sha256"]:
-        raise ChecksumMismatch(f"zoo:{NAME} was trained on the {LM} GGUF with SHA-256 {source['gguf_sha256']}, but "
-                               f"the installed one ({', '.join(map(str, parts))}) has {found}; reinstall it with:\n"
-                               f"    {lm.install}")
+        raise ModelLoadError(f"zoo:{NAME} was trained on the {LM} GGUF with SHA-256 {source['gguf_sha256']}, but "
+                             f"this eemllm reads {LM} as {found}; reinstall eemllm "
+                             "(pip install --force-reinstall --no-deps eemllm)")
     trained = shipped_dir() / TRAINED_FILE
     if not trained.is_file() or sha256(trained) != source["trained_sha256"]:
         raise ModelLoadError(f"{trained} is missing or does not match its recorded checksum (damaged install); "

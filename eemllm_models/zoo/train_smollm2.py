@@ -171,8 +171,8 @@ def with_adapters(model: LlavaForConditionalGeneration, seed: int) -> torch.nn.M
     config = LoraConfig(r=smollm2_shapes.LORA_RANK, lora_alpha=smollm2_shapes.LORA_ALPHA, lora_dropout=0.0,
                         target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})")
     wrapped = get_peft_model(model, config)
-    for part in (model.model.vision_tower, model.model.multi_modal_projector):
-        part.requires_grad_(True)
+    for part in smollm2_shapes.VISION_PARTS:
+        getattr(model.model, part).requires_grad_(True)
     return wrapped
 
 
@@ -193,10 +193,7 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
     peft adapters in place (a later stage continues where an earlier one stopped)."""
     for name, tensor in adapters_of(model).items():
         tensor.copy_(state[name])
-    inner = model.model
-    for part in ("vision_tower", "multi_modal_projector"):
-        getattr(inner, part).load_state_dict({k[len(part) + 1:]: v for k, v in state.items()
-                                              if k.startswith(part + ".")}, strict=True)
+    smollm2_shapes.load_vision_side(model, state)
 
 
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
