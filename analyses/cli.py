@@ -662,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     _int_option(demo, "--seed", 0, default=0, help="seed of the test split (default 0)")
     _int_option(demo, "--probe-samples", 1, default=None,
                       help="train-split prompts for the probes (default 96 for zoo:default: fewer change the chosen "
-                           "layers, see BENCHMARKS.md; 24 for zoo:smollm2-shapes, whose probes cost about 60 times as much per sample)")
+                           "layers, see BENCHMARKS.md; 24 for zoo:smollm2-shapes, whose probes cost about 60 times "
+                           "as much per sample)")
     _int_option(demo, "--compare-samples", 1, default=None,
                       help="validation questions on which the policies are compared (default 42 for zoo:default, 28 "
                            "for zoo:smollm2-shapes; the demo scores on test)")

@@ -22,6 +22,7 @@ from analyses.measuring.flops import (
 from eemllm_models import EfficiencyPlan, build_prompt, load_shapes_vqa
 from eemllm_models.zoo import build
 from probes.uncertainty import with_intervals
+from test_policies import CONFIG, TOKENS, _mode_result
 
 
 def _result(contribution) -> xr.Dataset:
@@ -77,19 +78,6 @@ def test_withdraw_plan_from_a_measured_result_runs_on_the_model():
                       return_tensors="pt")
     with torch.no_grad(), plan.applied(model):
         assert model(**batch).logits.isfinite().all()
-
-
-def _mode_result(contribution) -> xr.Dataset:
-    values = np.array(contribution, dtype=float)[None].repeat(2, axis=0)
-    return xr.Dataset({"contribution": (("sample", "layer", "mode"), values)},
-                      coords={"sample": ["a", "b"], "layer": range(values.shape[1]),
-                              "mode": ["frozen", "naavit", "composite"]},
-                      attrs={"probe": "mode_contribution", "model": "m", "divergence": "kl"})
-
-
-CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2)
-TOKENS = TokenCounts(text_before=5, visual=100, text_after=20)
 
 
 def test_budget_mixes_withdrawal_with_layer_modes_cheapest_loss_first():

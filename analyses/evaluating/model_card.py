@@ -11,7 +11,7 @@ import argparse
 import json
 
 import pandas as pd
-from safetensors.torch import load_file
+from transformers import PreTrainedModel, ProcessorMixin
 
 from eemllm_models import load_shapes_vqa, load_zoo
 from eemllm_models.files import atomic_write_text
@@ -24,28 +24,22 @@ TARGET = 0.9
 """Test-split accuracy a zoo model is trained to reach (overall and on every question type)."""
 
 
-def test_scores(rows: int = 1400, batch_size: int = 28) -> pd.DataFrame:
-    """:func:`~analyses.evaluating.accuracy.accuracy_table` of smollm2-shapes on ``rows`` test-split rows (seed 0)."""
-    model, processor = load_zoo(smollm2_shapes.NAME)
+def split_scores(model: PreTrainedModel, processor: ProcessorMixin, rows: int = 1400,
+                 batch_size: int = 28) -> pd.DataFrame:
+    """:func:`~analyses.evaluating.accuracy.accuracy_table` of ``model`` on ``rows`` test-split rows (seed 0)."""
     frame = answer_frame(model, processor, load_shapes_vqa("test", n=rows), batch_size=batch_size)
     return accuracy_table(frame)
 
 
-def _parameter_counts() -> tuple[int, int]:
-    """(trained, total) parameters: what ships, and the assembled model's."""
-    trained = load_file(smollm2_shapes.shipped_dir() / smollm2_shapes.TRAINED_FILE)
-    model, _ = load_zoo(smollm2_shapes.NAME)
-    return sum(v.numel() for v in trained.values()), sum(p.numel() for p in model.parameters())
-
-
-def write_card(table: pd.DataFrame) -> str:
-    """Record ``table`` (from :func:`test_scores`) in the shipped ``training_log.json`` and write ``README.md``."""
+def write_card(table: pd.DataFrame, model: PreTrainedModel) -> str:
+    """Record ``table`` (from :func:`split_scores` of the installed ``model``) in the shipped
+    ``training_log.json`` and write ``README.md``."""
     folder = smollm2_shapes.shipped_dir()
     info = json.loads((folder / "training_log.json").read_text())
     info["test"] = {row.qtype: {"n": int(row.n), "accuracy": row.accuracy, "low": row.low, "high": row.high}
                     for row in table.itertuples()}
     info["test_level"] = float(table.level.iloc[0])
-    trained, total = _parameter_counts()
+    trained, total = info["trained_parameters"], sum(p.numel() for p in model.parameters())
     info["parameters"] = {"trained": trained, "total": total}
     atomic_write_text(folder / "training_log.json", json.dumps(info, indent=1) + "\n")
     size_mb = (folder / smollm2_shapes.TRAINED_FILE).stat().st_size / 1e6
@@ -134,9 +128,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1400, help="test-split rows to score")
     parser.add_argument("--batch-size", type=int, default=28)
     args = parser.parse_args()
-    table = test_scores(args.rows, args.batch_size)
+    model, processor = load_zoo(smollm2_shapes.NAME)
+    table = split_scores(model, processor, args.rows, args.batch_size)
     print(table.to_string(index=False))
-    write_card(table)
+    write_card(table, model)
 
 
 if __name__ == "__main__":
