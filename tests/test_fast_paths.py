@@ -276,8 +276,24 @@ def test_bench_runs_a_paper_config_and_writes_its_table(tmp_path, capsys):
     main(["--config", "llava-next-7b", "--scale", "0.0625", "--layers", "2", "--repeats", "1", "--warmup", "0",
           "--out", str(tmp_path)])
     table = pd.read_csv(tmp_path / "bench_modes.csv")
-    assert list(table.plan) == ["original", "empty", "shortv:llava-next-7b", "naavit", "composite"]
+    assert list(table.plan) == ["original", "empty", "shortv:llava-next-7b", "naavit", "composite", "vtw-middle"]
     assert (table.visual == 2880).all() and (table.layers == 2).all()
     assert table.flops_ratio.between(0, 1).all() and (table.median_ms > 0).all()
     assert json.loads((tmp_path / "bench_modes.json").read_text())["settings"]["config"] == "llava-next-7b"
     assert "shortv:llava-next-7b" in capsys.readouterr().out
+    assert table.decode_ms.isna().all() and (table.new_tokens == 1).all()
+
+
+def test_bench_times_decoding_with_the_withdrawn_cache(tmp_path):
+    import pandas as pd
+
+    from analyses.measuring.bench_modes import main
+
+    main(["--config", "llava-next-7b", "--scale", "0.0625", "--layers", "2", "--repeats", "1", "--warmup", "0",
+          "--new-tokens", "3", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "bench_modes.csv").set_index("plan")
+    assert (table.decode_ms > 0).all() and (table.new_tokens == 3).all()
+    # withdrawal from layer 1 of 2: layer 1's cache holds the 64 text positions and the 2 decoded ones only
+    row_mb = table.loc["original", "kv_cache_mb"] / (2 * (2880 + 64 + 2))
+    assert table.loc["vtw-middle", "kv_cache_mb"] == pytest.approx(row_mb * (2880 + 64 + 2 + 64 + 2))
+    assert table.loc["empty", "kv_cache_mb"] == table.loc["original", "kv_cache_mb"]

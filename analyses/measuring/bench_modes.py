@@ -24,8 +24,15 @@ LLaVA-NeXT: its 2880 visual tokens, five 576-token tiles in a row), then 29 text
 vision tower is a one-layer stand-in that yields those tokens (its cost is negligible; the
 comparison is the decoder's). Plans: the empty plan, ShortV's published frozen layers
 (``EfficiencyPlan.preset("shortv:...")``; on a shallower model the first ``round(k * layers / L)``
-distinct layers of the paper's order mapped to ``l * layers // L``), every layer ``naavit`` and
-every layer ``composite``.
+distinct layers of the paper's order mapped to ``l * layers // L``), every layer ``naavit``, every
+layer ``composite`` and VTW's withdrawal of every visual token from the middle layer on
+(``EfficiencyPlan.withdraw(layers, layers // 2)``).
+
+``--new-tokens N`` (N >= 2) times decoding as well: each run is then
+:func:`analyses.measuring.latency.time_greedy` (the prefill into a fresh ``DynamicCache``, then ``N - 1``
+greedy one-token steps with it, wall clock), and the table adds the median decode time, the decode
+speedup and the KV-cache size after the last step (analytic, :func:`analyses.measuring.memory.kv_cache_bytes`,
+which the cache's own tensors equal: ``tests/test_withdrawal_flops.py``).
 
 What is timed: ``model(**inputs, logits_to_keep=1)`` (the prefill step of ``generate()``) under
 ``torch.inference_mode``, fp32 on CPU and bf16 on CUDA (``--dtype`` to change), with warm-up
@@ -75,6 +82,8 @@ from eemllm_models.files import atomic_write, atomic_write_text
 from eemllm_models.machine import describe
 
 from analyses.measuring.flops import TokenCounts, flops_ratio, load_config, plan_flops
+from analyses.measuring.latency import time_greedy
+from analyses.measuring.memory import kv_cache_bytes
 
 LEGACY_MODES = ("frozen", "naavit", "composite")
 IMAGE_TOKEN = 32000
@@ -87,8 +96,8 @@ CASES = {  # --config all: (config, images); llava-next's 2880 visual tokens are
     "llava-next-7b": ("llava-next-7b", 1),
 }
 COLUMNS = ("model", "plan", "flops_ratio", "ideal_speedup", "median_ms", "spread_ms", "speedup", "of_ideal",
-           "base_tflops", "peak_tflops", "peak_memory_gb", "visual", "text", "batch", "layers", "hidden", "dtype",
-           "device", "clock")
+           "decode_ms", "decode_speedup", "kv_cache_mb", "base_tflops", "peak_tflops", "peak_memory_gb", "visual",
+           "text", "batch", "layers", "hidden", "dtype", "device", "clock", "new_tokens")
 
 
 def mid_size_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, dict[str, torch.Tensor]]:
@@ -217,7 +226,8 @@ def paper_case(name: str, images: int, scale: float, layers: int | None, device:
     preset = f"shortv:{name}"
     plans = {"empty": EfficiencyPlan.empty(n_layers), preset: scaled_preset(preset, n_layers),
              "naavit": EfficiencyPlan.uniform(n_layers, "naavit"),
-             "composite": EfficiencyPlan.uniform(n_layers, "composite")}
+             "composite": EfficiencyPlan.uniform(n_layers, "composite"),
+             "vtw-middle": EfficiencyPlan.withdraw(n_layers, n_layers // 2)}
     label = (f"{name}{f' x{images} images' if images > 1 else ''} (h{config.text_config.hidden_size}, "
              f"{n_layers} layers, random)")
     return label, model, inputs, plans
@@ -256,47 +266,62 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 @torch.inference_mode()
 def time_plans(name: str, model, inputs: Mapping[str, torch.Tensor], plans: Mapping[str, EfficiencyPlan],
                repeats: int, warmup: int = 1, clock: str = "wall", naavit_kernel: str | Mapping[str, str] = "auto",
-               peak_tflops: float = float("nan")) -> pd.DataFrame:
+               peak_tflops: float = float("nan"), new_tokens: int = 1) -> pd.DataFrame:
     """Median prefill seconds per plan (and of the unmodified model, the baseline), interleaved per round.
 
     ``naavit_kernel``: one kernel for every plan, or one per plan label (``auto`` for those not named).
-    Returns one row per plan with the columns of :data:`COLUMNS`.
+    ``new_tokens`` >= 2: each run is :func:`~analyses.measuring.latency.time_greedy` instead of one prefill
+    forward, timing the prefill and ``new_tokens - 1`` decoding steps (wall clock or CUDA events).
+    Returns one row per plan with the columns of :data:`COLUMNS` (the decode ones NaN without decoding).
     """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1 (1: prefill only), got {new_tokens}")
     kernels = {label: naavit_kernel if isinstance(naavit_kernel, str) else naavit_kernel.get(label, "auto")
                for label in plans}
     device = next(model.parameters()).device
     timer = _timer(device, clock)
     times: dict[str, list[float]] = {"original": [], **{p: [] for p in plans}}
+    decode_times: dict[str, list[float]] = {label: [] for label in times}
     memory: dict[str, float] = {label: float("nan") for label in times}
     for r in range(warmup + repeats):
         for label in times:
             handle = None if label == "original" else apply_plan(model, plans[label], naavit_kernel=kernels[label])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            elapsed = timer(lambda: model(**inputs, logits_to_keep=1))
+            if new_tokens > 1:
+                elapsed, decoding = time_greedy(model, inputs, new_tokens)
+            else:
+                elapsed, decoding = timer(lambda: model(**inputs, logits_to_keep=1)), float("nan")
             if device.type == "cuda":
                 memory[label] = torch.cuda.max_memory_allocated(device) / 1e9
             if handle is not None:
                 handle.remove()
             if r >= warmup:
                 times[label].append(elapsed)
+                decode_times[label].append(decoding)
     counts = TokenCounts.from_layout(token_layout(model, inputs["input_ids"], inputs.get("attention_mask")))
     text = model.config.get_text_config()
     empty = EfficiencyPlan.empty(text.num_hidden_layers)
-    base = statistics.median(times["original"])
+    base, base_decode = statistics.median(times["original"]), statistics.median(decode_times["original"])
+    batch = inputs["input_ids"].shape[0]
     base_flops = float(plan_flops(model.config, empty, counts).flops.sum()) * inputs["input_ids"].shape[0]
     base_tflops = base_flops / base / 1e12
     rows = []
     for label, values in times.items():
         ratio = flops_ratio(model.config, plans.get(label, empty), counts)
-        median = statistics.median(values)
+        median, decode = statistics.median(values), statistics.median(decode_times[label])
+        kv_bytes = kv_cache_bytes(model.config, plans.get(label, empty), counts, decoded=new_tokens - 1,
+                                  dtype=next(model.parameters()).dtype, batch=batch)
         rows.append({"model": name, "plan": label, "flops_ratio": ratio, "ideal_speedup": 1 / ratio,
                      "median_ms": 1000 * median, "spread_ms": 1000 * (max(values) - min(values)),
-                     "speedup": base / median, "of_ideal": (base / median) * ratio, "base_tflops": base_tflops,
+                     "speedup": base / median, "of_ideal": (base / median) * ratio, "decode_ms": 1000 * decode,
+                     "decode_speedup": base_decode / decode, "kv_cache_mb": kv_bytes / 2**20,
+                     "base_tflops": base_tflops,
                      "peak_tflops": peak_tflops, "peak_memory_gb": memory[label], "visual": counts.visual,
                      "text": counts.text, "batch": inputs["input_ids"].shape[0], "layers": text.num_hidden_layers,
                      "hidden": text.hidden_size, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                     "device": device.type, "clock": "cuda-events" if device.type == "cuda" else clock})
+                     "device": device.type, "new_tokens": new_tokens,
+                     "clock": "cuda-events" if device.type == "cuda" else "wall" if new_tokens > 1 else clock})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -351,12 +376,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing clock")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="CPU timing clock of prefill-only runs (decoding runs use the wall clock)")
+    parser.add_argument("--new-tokens", type=int, default=1,
+                        help="tokens to generate per run: 1 times the prefill only; N >= 2 also times N - 1 "
+                             "decoding steps")
     parser.add_argument("--naavit-kernel", default="auto", help="naavit attention kernel (auto, gather, flex)")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_modes.csv and bench_modes.json")
     parser.add_argument("--profile", default=None, metavar="PLAN",
                         help="profile one prefill of the (last) model under PLAN instead of timing every plan")
     args = parser.parse_args(argv)
+    if args.new_tokens < 1:
+        parser.error(f"--new-tokens must be at least 1 (1: prefill only), got {args.new_tokens}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.profile is not None:
@@ -370,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     peak = matmul_peak_tflops(device, dtype)
     timing = dict(repeats=args.repeats, warmup=args.warmup, clock=args.clock, naavit_kernel=args.naavit_kernel,
-                  peak_tflops=peak)
+                  peak_tflops=peak, new_tokens=args.new_tokens)
     frames = []
     for label, model, inputs, plans in _cases(args, device, dtype):
         frames.append(time_plans(label, model, inputs, plans, **timing))
@@ -378,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     table = pd.concat(frames, ignore_index=True)
     print(f"{describe()}, {str(dtype).removeprefix('torch.')}, matmul peak {peak:.2f} TFLOP/s")
     shown = ["model", "plan", "flops_ratio", "ideal_speedup", "median_ms", "spread_ms", "speedup", "of_ideal",
-             "base_tflops", "peak_memory_gb"]
+             *(["decode_ms", "decode_speedup", "kv_cache_mb"] if args.new_tokens > 1 else []), "base_tflops",
+             "peak_memory_gb"]
     print(table[shown].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.out is not None:
         write_results(table, args.out, {**vars(args), "dtype": str(dtype), "out": str(args.out)})

@@ -58,26 +58,33 @@ from .train import AuxHeads, _code_version, _patch_cells, earlier_stages, _pixel
 
 
 class ChatEncoder:
-    """Scenes -> padded ChatML conversations (one per scene, its seven questions in random order)."""
+    """Scenes -> padded ChatML conversations (one per scene: its seven questions, plus ``extra[qtype]`` more
+    questions of each type in :data:`~eemllm_models.zoo.shapes_vqa.REDRAWN_QTYPES`, in random order)."""
 
-    def __init__(self, processor: LlavaProcessor, n_image_tokens: int):
+    def __init__(self, processor: LlavaProcessor, n_image_tokens: int, extra: dict[str, int] | None = None):
         self.tok = processor.tokenizer
         self.n_image_tokens = n_image_tokens
+        self.extra = dict(extra or {})
+        unknown = set(self.extra) - set(shapes_vqa.REDRAWN_QTYPES)
+        if unknown:
+            raise ValueError(f"--extra-turns names {sorted(unknown)}; only {shapes_vqa.REDRAWN_QTYPES} can be asked again")
         self.header = self.tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.end = self.tok.convert_tokens_to_ids("<|im_end|>")
 
-    def text(self, scene: shapes_vqa.Scene, order: np.ndarray) -> str:
-        """The conversation's text, the image placeholder expanded to its visual tokens."""
+    def text(self, questions: list[shapes_vqa.Question]) -> str:
+        """The conversation asking ``questions`` in order, the image placeholder expanded to its visual tokens."""
         turns = []
-        for k, qi in enumerate(order):
-            q = scene.questions[qi]
+        for k, q in enumerate(questions):
             image = smollm2_shapes.build.IMAGE_TOKEN * self.n_image_tokens + "\n" if k == 0 else ""
             turns.append(f"<|im_start|>user\n{image}{q.question}<|im_end|>\n<|im_start|>assistant\n{q.answer}<|im_end|>\n")
         return "".join(turns)
 
     def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """Token ids and labels (``-100`` except on each answer and the ``<|im_end|>`` after it)."""
-        ids = self.tok(self.text(scene, rng.permutation(len(scene.questions))), add_special_tokens=False)["input_ids"]
+        questions = [*scene.questions, *(shapes_vqa.another_question(scene, qtype, rng)
+                                         for qtype, n in self.extra.items() for _ in range(n))]
+        ids = self.tok(self.text([questions[i] for i in rng.permutation(len(questions))]),
+                       add_special_tokens=False)["input_ids"]
         labels = [-100] * len(ids)
         h = len(self.header)
         for i in range(len(ids) - h):
@@ -198,18 +205,20 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
 
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
-          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0) -> dict:
+          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0,
+          extra_turns: dict[str, int] | None = None) -> dict:
     """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
 
     From the assembled model, or continuing from the weights a previous stage wrote into ``init_from``;
     step ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a later stage that starts
-    where an earlier one stopped sees only new scenes."""
+    where an earlier one stopped sees only new scenes. ``extra_turns`` (e.g. ``{"mc": 3}``) asks each scene
+    that many more questions of those types (:class:`ChatEncoder`)."""
     code = _code_version()
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
     if init_from is not None:
         continue_from(model, load_file(Path(init_from) / smollm2_shapes.TRAINED_FILE))
-    encoder = ChatEncoder(processor, model.config.image_seq_length)
+    encoder = ChatEncoder(processor, model.config.image_seq_length, extra_turns)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     patch_cells = _patch_cells()
     tower = [*model.model.vision_tower.parameters()]
@@ -266,11 +275,23 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
             "seed": seed, "bf16_autocast": bf16, "minutes": (time.time() - start) / 60,
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
-            "first_scene": first_scene, "log": log}
+            "first_scene": first_scene, "extra_turns": encoder.extra, "log": log}
     if init_from is not None:
         info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
     return info
+
+
+def _extra_turns(text: str) -> dict[str, int]:
+    """``"mc=3,relation=2"`` -> ``{"mc": 3, "relation": 2}`` (argparse type of ``--extra-turns``)."""
+    turns = {}
+    for part in filter(None, text.split(",")):
+        qtype, _, n = part.partition("=")
+        if qtype not in shapes_vqa.REDRAWN_QTYPES or not n.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not QTYPE=N with QTYPE one of {', '.join(shapes_vqa.REDRAWN_QTYPES)}, e.g. mc=3")
+        turns[qtype] = int(n)
+    return turns
 
 
 def main() -> None:
@@ -286,10 +307,13 @@ def main() -> None:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
     parser.add_argument("--init-from", type=Path, default=None, help="continue from the weights a stage wrote here")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first train-split scene")
+    parser.add_argument("--extra-turns", type=_extra_turns, default={}, metavar="QTYPE=N,...",
+                        help=f"more questions per scene of these types (of {', '.join(shapes_vqa.REDRAWN_QTYPES)}), "
+                             "e.g. mc=3,relation=2")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
           eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
-          first_scene=args.first_scene)
+          first_scene=args.first_scene, extra_turns=args.extra_turns)
 
 
 if __name__ == "__main__":
