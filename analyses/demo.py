@@ -2,8 +2,10 @@
 
 Answer shapes-vqa test questions; probe the Layer Contribution, attention statistics and mode
 contributions; choose a ShortV plan; count its FLOPs; answer the same questions with the plan
-applied; measure accuracy against FLOPs for the policies and the frozen-text control; measure
-latency; save the pruned model and write the redundancy report.
+applied; measure accuracy against FLOPs for the policies and the frozen-text control; put layer-level
+and token-level methods side by side at half the FLOPs (ShortV, NAAViT, composite, VTW, FastV, the budget
+mix: :mod:`analyses.choosing.methods`); measure latency; save the pruned model and write the redundancy
+report.
 
 Three disjoint sets of questions (checked by id): the probes measure on ``train`` prompts, the
 policy comparison (what a choice of policy and k rests on) answers ``validation`` questions, and
@@ -28,6 +30,7 @@ from eemllm_models.files import atomic_write, atomic_write_json
 from eemllm_models.zoo import shapes_vqa, zoo_name
 
 from analyses.choosing.compare import compare_policies
+from analyses.choosing.methods import method_plans, method_table
 from analyses.evaluating.evaluate import answer_frame, scores
 from analyses.measuring.flops import flops_figures, flops_provenance
 from analyses.choosing.heldout import check_disjoint, describe
@@ -40,6 +43,8 @@ SHORTV_SHARE = 0.6
 """Share of layers the demo freezes: ShortV froze 19 of 32 (LLaVA-1.5-7B) and 24 of 40 (13B)."""
 COMPARED_SHARES = (0.25, 5 / 12, 7 / 12, 0.75)
 """Shares of the layers frozen where the demo compares the policies (3, 5, 7 and 9 of the default's 12)."""
+METHODS_TARGET = 0.5
+"""Decoder prefill FLOPs share at which the demo compares layer-level and token-level methods."""
 
 
 def compared_ks(n_layers: int) -> tuple[int, ...]:
@@ -51,7 +56,8 @@ def compared_ks(n_layers: int) -> tuple[int, ...]:
 class DemoResult:
     """What the demo measured: per-question answers of the original and the pruned model, the
     Layer Contribution, the plan, its decoder FLOPs ratio, the policy comparison, the latency
-    table, the report's ``index.html`` and what the answers were scored on (``dataset``, ``split``, ``n``)."""
+    table, the report's ``index.html``, what the answers were scored on (``dataset``, ``split``, ``n``) and the
+    methods compared at equal FLOPs (:func:`analyses.choosing.methods.method_table`)."""
 
     answers: pd.DataFrame
     lc: xr.Dataset
@@ -61,6 +67,7 @@ class DemoResult:
     latency: pd.DataFrame
     report: Path
     evaluation: dict
+    methods: pd.DataFrame
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,9 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     ``lc.nc``, ``attention.nc``, ``mode_contribution.nc`` (probes on ``probe_samples`` train-split
     prompts), ``plan.json``, ``comparison.csv`` (accuracy vs FLOPs of the policies on
     ``compare_samples`` validation questions; both default to the model's :data:`DEMO_SIZES`),
-    ``latency.csv``, ``pruned-model/`` (reloads with
+    ``withdrawal.nc`` (the withdrawal contribution, same prompts) and ``methods.csv`` (layer-level and token-level
+    methods at :data:`METHODS_TARGET` of the FLOPs, on the same test questions), ``latency.csv`` (the original,
+    the pruned model and every method, side by side), ``pruned-model/`` (reloads with
     ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
     model or report is replaced only with ``overwrite``.
     """
@@ -129,6 +138,7 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     lc = probes.layer_contribution(model, processor, calibration, **common)
     attention = probes.attention_statistics(model, processor, calibration, **common)
     modes = probes.mode_contribution(model, processor, calibration, **common)
+    withdrawal = probes.withdrawal_contribution(model, processor, calibration, **common)
     tokens = dataset_token_counts(model, processor, data)
     plan = freeze_plan(lc, round(SHORTV_SHARE * lc.sizes["layer"]), "shortv")
     plan = plan.with_provenance(**flops_provenance(model.config, plan, tokens, describe_rows(data)))
@@ -141,8 +151,11 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
                      prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
     comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens,
                                   seeds=(0, 1, 2), batch_size=batch_size, evaluation=data)
+    methods = method_plans(lc, modes, withdrawal, model.config, tokens, METHODS_TARGET)
     latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
-                              {"original": None, "pruned": plan}, warmup=1, repeats=5)
+                              {"original": None, "pruned": plan, **methods}, warmup=1, repeats=5)
+    method_frame = method_table(model, processor, data, frame, methods, tokens, latency, METHODS_TARGET,
+                                batch_size=batch_size)
     summary = {
         "model": label, "split": "test", "n": n, "seed": seed,
         "accuracy": scores(frame), "pruned_accuracy": scores(pruned),
@@ -155,16 +168,18 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     }
     atomic_write(out / "demo_answers.csv", lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write_json(out / "demo_summary.json", summary)
-    for name, result in (("lc", lc), ("attention", attention), ("mode_contribution", modes)):
+    for name, result in (("lc", lc), ("attention", attention), ("mode_contribution", modes),
+                         ("withdrawal", withdrawal)):
         probes.save_result(result, out / f"{name}.nc")
     plan.save(out / "plan.json")
     atomic_write(out / "comparison.csv", lambda tmp: comparison.to_csv(tmp, index=False))
     atomic_write(out / "latency.csv", lambda tmp: latency.to_csv(tmp, index=False))
+    atomic_write(out / "methods.csv", lambda tmp: method_frame.to_csv(tmp, index=False))
     save_pruned(model, plan, out / "pruned-model", processor=processor, overwrite=overwrite)
     inputs = ReportInputs(lc=lc, plan=plan, attention=attention, modes=modes, comparison=comparison, latency=latency,
                           scores={"original": summary["accuracy"], "pruned": summary["pruned_accuracy"]},
                           answers=frame, flops=flops, pruned_model=out / "pruned-model",
                           title=f"Redundancy report: {label} on shapes-vqa",
-                          evaluation=summary["evaluation"])
+                          evaluation=summary["evaluation"], methods=method_frame)
     report = write_report(inputs, out / "report", overwrite=overwrite)
-    return DemoResult(frame, lc, plan, ratio, comparison, latency, report, summary["evaluation"])
+    return DemoResult(frame, lc, plan, ratio, comparison, latency, report, summary["evaluation"], method_frame)

@@ -27,6 +27,12 @@ def test_demo_runs_the_flow_and_its_pruned_model_scores_as_reported(tmp_path):
     assert (out / "report" / "index.html").is_file() and (out / "report" / "report.md").is_file()
     assert report["claims"].keys() and pd.read_csv(out / "comparison.csv").policy.nunique() == 5
     assert "../pruned-model/" in (out / "report" / "index.html").read_text()
+    methods = pd.read_csv(out / "methods.csv").set_index("method")
+    assert list(methods.index) == ["original", "shortv", "naavit", "composite", "vtw", "fastv", "budget"]
+    assert (methods.n == 14).all() and (methods.target == 0.5).all()
+    assert (methods.drop(index=["original", "naavit", "composite"]).flops_ratio <= 0.5).all()
+    assert "Layer-level vs token-level" in (out / "report" / "index.html").read_text()
+    assert [r["method"] for r in report["methods"]] == list(methods.index) and (out / "withdrawal.nc").is_file()
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n"] == 14 and 0 <= summary["accuracy"]["overall"] <= 1
     assert 0 < summary["decoder_flops_ratio"] < 1

@@ -389,3 +389,47 @@ def test_identical_layer_choices_are_a_tie_that_satisfies_at_least():
     claims = check_claims(_outcome_comparison(400, tied))
     assert all(r["lc_minus_cosine"]["low"] == r["lc_minus_cosine"]["high"] == 0 for r in claims["policy_order"]["per_k"])
     assert claims["policy_order"]["verdict"] == "holds"
+
+
+def _methods() -> pd.DataFrame:
+    """A methods frame as analyses.choosing.methods.method_table returns it (original first)."""
+    common = {"target": 0.5, "n": 28, "noisy": False}
+    return pd.DataFrame([
+        {"method": "original", "plan": "nothing", "flops_ratio": 1.0, "accuracy": 0.9, "accuracy_low": 0.8,
+         "accuracy_high": 0.95, "difference": float("nan"), "difference_low": float("nan"),
+         "difference_high": float("nan"), "prefill_speedup": 1.0, "ideal_prefill_speedup": 1.0, "decode_speedup": 1.0,
+         "kv_cache_bytes": 2e6, **common},
+        {"method": "shortv", "plan": "frozen [3, 4]", "flops_ratio": 0.5, "accuracy": 0.85, "accuracy_low": 0.7,
+         "accuracy_high": 0.93, "difference": -0.05, "difference_low": -0.12, "difference_high": 0.01,
+         "prefill_speedup": 1.6, "ideal_prefill_speedup": 2.0, "decode_speedup": 1.0, "kv_cache_bytes": 2e6, **common},
+        {"method": "vtw", "plan": "keep 0 from layer 5", "flops_ratio": 0.49, "accuracy": 0.7, "accuracy_low": 0.5,
+         "accuracy_high": 0.8, "difference": -0.2, "difference_low": -0.3, "difference_high": -0.1,
+         "prefill_speedup": 1.9, "ideal_prefill_speedup": 2.04, "decode_speedup": 1.2, "kv_cache_bytes": 1e6,
+         **common}])
+
+
+def test_methods_at_equal_flops_get_their_section_with_verdicts(measured, tmp_path):
+    lc, _ = measured
+    with pytest.raises(ValueError, match=r"lacks columns \['target'\].*method_table"):
+        _minimal(lc, methods=_methods().drop(columns="target"))
+    latency = pd.DataFrame([{"variant": v, "prefill_ms": ms, "prefill_speedup": s} for v, ms, s in
+                            (("original", 10.0, 1.0), ("pruned", 8.0, 1.25), ("shortv", 5.0, 2.0))])
+    inputs = ReportInputs(lc=lc, plan=freeze_plan(lc, 7, "shortv"), methods=_methods(), latency=latency)
+    index = write_report(inputs, tmp_path / "report")
+    text = index.read_text()
+    assert "Layer-level vs token-level redundancy at equal FLOPs" in text and "50% of the original" in text
+    assert "not resolved at this n" in text and "1.90× (2.04×)" in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["latency"]["variant"] == "pruned", "the plan's own row, not the method that shares its policy"
+    assert [m["method"] for m in summary["methods"]] == ["original", "shortv", "vtw"]
+    assert summary["methods"][0]["difference"] is None
+    reread = load_report_inputs(_probe_folder(lc, tmp_path / "probes", methods=_methods()))
+    assert list(reread.methods.method) == ["original", "shortv", "vtw"]
+
+
+def _probe_folder(lc: xr.Dataset, folder, methods: pd.DataFrame):
+    folder.mkdir()
+    probes.save_result(lc, folder / "lc.nc")
+    freeze_plan(lc, 3, "shortv").save(folder / "plan.json")
+    methods.to_csv(folder / "methods.csv", index=False)
+    return folder

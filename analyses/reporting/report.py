@@ -84,6 +84,10 @@ def check_probe_result(result: xr.Dataset, name: str, source: str | None = None)
                          f"visual and text; {_regenerate(name)}")
 
 
+METHOD_COLUMNS = ("method", "plan", "target", "flops_ratio", "n", "accuracy", "accuracy_low", "accuracy_high",
+                  "difference", "difference_low", "difference_high", "prefill_speedup", "ideal_prefill_speedup",
+                  "decode_speedup", "kv_cache_bytes", "noisy")
+"""Columns a ``methods`` frame needs (what :func:`analyses.choosing.methods.method_table` returns)."""
 FLOPS_KEYS = ("decoder_flops_ratio", "decoder_flops_original", "decoder_flops_pruned", "prefill_flops_ratio",
               "prefill_flops_original", "prefill_flops_pruned", "text_tokens", "visual_tokens")
 """The FLOPs figures a report shows (``analyses.measuring.flops.flops_figures``)."""
@@ -103,7 +107,9 @@ class ReportInputs:
     ``pruned_prediction``, ...). ``flops``: headline FLOPs figures (``decoder_flops_ratio``, ...).
     ``pruned_model``: the saved pruned model's folder. ``sources``: input name -> file it was read from.
     ``evaluation``: what ``scores`` and ``answers`` were measured on (``dataset``, ``split``, ``n``,
-    as :func:`analyses.choosing.heldout.describe` gives it), shown next to every accuracy.
+    as :func:`analyses.choosing.heldout.describe` gives it), shown next to every accuracy. ``methods``: layer-level
+    against token-level methods at equal FLOPs, one row per ``method``
+    (:func:`analyses.choosing.methods.method_table`).
     """
 
     lc: xr.Dataset
@@ -119,6 +125,7 @@ class ReportInputs:
     title: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
     evaluation: Mapping[str, Any] | None = None
+    methods: pd.DataFrame | None = None
 
     def __post_init__(self) -> None:
         for name in PROBE_FILES:
@@ -142,6 +149,11 @@ class ReportInputs:
             if missing:
                 raise ValueError(f"the comparison frame lacks columns {sorted(missing)}; make it with "
                                  "analyses.choosing.compare.compare_policies")
+        if self.methods is not None:
+            missing = set(METHOD_COLUMNS) - set(self.methods.columns)
+            if missing:
+                raise ValueError(f"the methods frame lacks columns {sorted(missing)}; make it with "
+                                 "analyses.choosing.methods.method_table")
         if self.scores is not None and not {"original", "pruned"} <= set(self.scores):
             raise ValueError("scores need 'original' and 'pruned' entries (analyses.evaluating.evaluate.scores of "
                              "each, e.g. "
@@ -225,6 +237,7 @@ def load_report_inputs(
     frames: dict[str, pd.DataFrame | None] = {}
     for name, given, defaults, text in (("comparison", comparison, ("comparison.csv",), False),
                                         ("latency", latency, ("latency.csv",), False),
+                                        ("methods", None, ("methods.csv",), False),
                                         ("answers", answers, ("answers.csv", "demo_answers.csv"), True)):
         path = pick(given, *defaults)
         frames[name] = None if path is None else pd.read_csv(path, keep_default_na=not text)
@@ -239,7 +252,7 @@ def load_report_inputs(
     return ReportInputs(lc=results["lc"], plan=loaded_plan, attention=results["attention"], modes=results["modes"],
                         comparison=frames["comparison"], latency=frames["latency"], scores=loaded_scores,
                         answers=frames["answers"], flops=loaded_flops, pruned_model=pick(pruned_model, "pruned-model"),
-                        sources=sources, evaluation=demo.get("evaluation"))
+                        sources=sources, evaluation=demo.get("evaluation"), methods=frames["methods"])
 
 
 # ----------------------------------------------------------------------------- measured claims
@@ -338,12 +351,13 @@ def accuracy_intervals(answers: pd.DataFrame | None) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- headline figures
 
 def _latency_headline(latency: pd.DataFrame | None, plan: EfficiencyPlan) -> dict | None:
-    """The pruned variant's prefill speedup: the row named pruned/plan/the plan's policy, else the fastest."""
+    """The pruned variant's prefill speedup: the first row named pruned, plan or the plan's policy (in that order;
+    a latency table may hold other variants, such as the methods compared at equal FLOPs), else the fastest."""
     if latency is None or "prefill_speedup" not in latency.columns or "variant" not in latency.columns:
         return None
-    named = latency[latency.variant.astype(str).isin(["pruned", "plan", str(plan.provenance.get("policy"))])]
-    others = latency[~latency.variant.astype(str).isin(["original", "full", "baseline"])]
-    rows = named if len(named) else others
+    variants = latency.variant.astype(str)
+    name = next((n for n in ("pruned", "plan", str(plan.provenance.get("policy"))) if (variants == n).any()), None)
+    rows = latency[variants == name] if name is not None else latency[~variants.isin(["original", "full", "baseline"])]
     if rows.empty:
         return None
     row = rows.loc[rows.prefill_speedup.astype(float).idxmax()]
@@ -397,6 +411,7 @@ def report_summary(inputs: ReportInputs) -> dict[str, Any]:
         "lc": lc_intervals(inputs.lc),
         "selection_stability": selection_stability_summary(inputs.plan, inputs.lc, inputs.modes),
         "accuracy_intervals": accuracy_intervals(inputs.answers),
+        "methods": None if inputs.methods is None else inputs.methods.to_dict(orient="records"),
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
 
@@ -617,6 +632,37 @@ def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list
             page.table(flops, {"k": str}, "{:.3f}".format)]
 
 
+def _methods_section(inputs: ReportInputs) -> list[page.Item]:
+    """Layer-level against token-level methods at equal FLOPs (:func:`analyses.choosing.methods.method_table`)."""
+    if inputs.methods is None:
+        return []
+    table = inputs.methods
+    planned = table.method != "original"
+    frame = pd.DataFrame({
+        "method": table.method, "plan": table.plan, "FLOPs ratio": table.flops_ratio,
+        "accuracy": table.accuracy, "interval": [_span(a, b, _percent) for a, b in
+                                                 zip(table.accuracy_low, table.accuracy_high)],
+        "change (points)": [_difference_text({"difference": d, "low": lo, "high": hi}) if p else "" for p, d, lo, hi
+                            in zip(planned, table.difference, table.difference_low, table.difference_high)],
+        "verdict": ["" if not p else "not resolved at this n" if lo <= 0 <= hi else "resolved"
+                    for p, lo, hi in zip(planned, table.difference_low, table.difference_high)],
+        "prefill speedup (ideal)": [f"{m:.2f}× ({i:.2f}×)" for m, i in
+                                    zip(table.prefill_speedup, table.ideal_prefill_speedup)],
+        "decode speedup": table.decode_speedup, "KV cache MB": table.kv_cache_bytes / 1e6,
+        "noisy": [bool(v) if pd.notna(v) else False for v in table.noisy]})
+    target, n = float(table.target.iloc[0]), int(table.n.iloc[0])
+    return [page.heading("Layer-level vs token-level redundancy at equal FLOPs", "methods"),
+            page.paragraph(f"Each method's plan is the one that reaches {target:.0%} of the original decoder prefill "
+                           "FLOPs with the fewest changes (a method that cannot, shown at the most it saves): ShortV "
+                           "freezing, NAAViT, composite attention, VTW withdrawal, FastV pruning and the budget mix "
+                           f"of layer modes and withdrawal. Accuracy on the same {n} held-out questions with its "
+                           "Wilson interval; the change is paired on those questions, with a bootstrap interval. "
+                           "Speedups and the KV cache (after decoding) were measured side by side in one run, "
+                           "interleaved, and are in latency.csv as well."),
+            page.table(frame, {"n": str, "FLOPs ratio": "{:.3f}".format, "decode speedup": "{:.2f}×".format,
+                               "KV cache MB": "{:.1f}".format}, _percent)]
+
+
 def _accuracy_interval_blocks(intervals: Mapping[str, Any] | None) -> list[page.Item]:
     """Accuracy per type with n and interval, and the paired original-vs-pruned difference."""
     if intervals is None:
@@ -783,7 +829,7 @@ def _write_contents(inputs: ReportInputs, out: Path, staging: Path) -> None:
         if getattr(inputs, name) is not None:
             probes.save_result(getattr(inputs, name), staging / PROBE_FILES[name])
             files.append(PROBE_FILES[name])
-    for name in ("comparison", "latency", "answers"):
+    for name in ("comparison", "latency", "methods", "answers"):
         frame = getattr(inputs, name)
         if frame is not None:
             atomic_write(staging / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
@@ -800,7 +846,7 @@ def _write_contents(inputs: ReportInputs, out: Path, staging: Path) -> None:
                 f"generated {summary['generated_at']}")
     blocks = [*_headline(inputs, summary), *_claims_section(summary), *_plan_section(inputs, figures),
               *_scores_section(inputs, out), *_lc_section(inputs, figures, summary["selection_stability"]),
-              *_comparison_section(inputs, figures),
+              *_comparison_section(inputs, figures), *_methods_section(inputs),
               *_other_sections(inputs, figures), *_provenance_section(inputs, files)]
     html_page, markdown = page.render(title, subtitle, blocks)
     atomic_write_text(staging / "report.md", markdown)

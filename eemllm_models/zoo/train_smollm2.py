@@ -67,7 +67,8 @@ class ChatEncoder:
         self.extra = dict(extra or {})
         unknown = set(self.extra) - set(shapes_vqa.REDRAWN_QTYPES)
         if unknown:
-            raise ValueError(f"--extra-turns names {sorted(unknown)}; only {shapes_vqa.REDRAWN_QTYPES} can be asked again")
+            raise ValueError(f"--extra-turns names {sorted(unknown)}; only {shapes_vqa.REDRAWN_QTYPES} "
+                             "can be asked again")
         self.header = self.tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.end = self.tok.convert_tokens_to_ids("<|im_end|>")
 
