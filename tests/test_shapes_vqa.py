@@ -97,3 +97,19 @@ def test_a_range_of_rows_is_the_same_rows_and_an_empty_range_is_an_empty_set():
     part = load_shapes_vqa("validation", n=3, seed=2, start=2)
     assert part["id"] == whole["id"][2:5] and part["question"] == whole["question"][2:5]
     assert len(load_shapes_vqa("test", n=0)) == 0 and load_shapes_vqa("test", n=0).features == whole.features
+
+
+def test_another_question_is_drawn_about_the_same_scene():
+    scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", 11))
+    rng = np.random.default_rng(0)
+    names = {f"{s.color} {s.shape}" for s in scene.shapes}
+    for _ in range(20):
+        mc = shapes_vqa.another_question(scene, "mc", rng)
+        item = next(s for s in scene.shapes if s.cell == mc.cells[0])
+        assert mc.choices[shapes_vqa.MC_LETTERS.index(mc.answer)] in (item.color, item.shape)
+        relation = shapes_vqa.another_question(scene, "relation", rng)
+        a, b = (scene.shapes[[s.cell for s in scene.shapes].index(c)] for c in relation.cells)
+        assert {f"{a.color} {a.shape}", f"{b.color} {b.shape}"} <= names
+        assert relation.answer in ("left", "right", "above", "below")
+    with pytest.raises(ValueError, match="cannot draw another 'count' question; choose one of"):
+        shapes_vqa.another_question(scene, "count", rng)

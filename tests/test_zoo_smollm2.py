@@ -158,3 +158,12 @@ def test_the_demo_writes_a_complete_report_on_it(tmp_path):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["model"] == "zoo:smollm2-shapes" and len(summary["plan"]["modes"]) == 30
     assert (out / "report" / "index.html").is_file() and (out / "pruned-model" / "config.json").is_file()
+
+
+def test_the_recipe_parses_its_extra_turns_and_names_a_bad_one():
+    from eemllm_models.zoo.train_smollm2 import _extra_turns
+
+    assert _extra_turns("mc=3,relation=2") == {"mc": 3, "relation": 2} and _extra_turns("") == {}
+    for bad in ("count=2", "mc", "mc=x"):
+        with pytest.raises(Exception, match="is not QTYPE=N with QTYPE one of relation, exists, mc"):
+            _extra_turns(bad)

@@ -22,6 +22,8 @@ from analyses.evaluating.evaluate import answer_frame
 
 TARGET = 0.9
 """Test-split accuracy a zoo model is trained to reach (overall and on every question type)."""
+TRAINING_MINUTES = 90
+"""Training time a zoo model's recipe is meant to stay within on two CPU cores (the card says when it does not)."""
 
 
 def split_scores(model: PreTrainedModel, processor: ProcessorMixin, rows: int = 1400,
@@ -52,8 +54,13 @@ def write_card(table: pd.DataFrame, model: PreTrainedModel) -> str:
     stage_rows = "\n".join(
         f"| {k} | `--steps {st['steps']} --batch-size {st['batch_size']} --lr {st['lr']} --tower-lr {st['tower_lr']}"
         + (f" --init-from STAGE{k - 1} --first-scene {st['first_scene']}" if k > 1 else "")
+        + (" --extra-turns " + ",".join(f"{q}={n}" for q, n in st["extra_turns"].items())
+           if st.get("extra_turns") else "")
         + f"` | {st.get('code') or 'unrecorded'} | {st['minutes']:.0f} | {st['machine']}, torch {st['torch']} |"
         for k, st in enumerate(stages, start=1))
+    minutes = sum(st["minutes"] for st in stages)
+    over = (f", over the {TRAINING_MINUTES} minutes on two CPU cores the zoo allows a model's training"
+            if minutes > TRAINING_MINUTES else "")
     card = f"""# eemllm zoo model `smollm2-shapes`
 
 A `LlavaForConditionalGeneration` whose language model is the real, pretrained
@@ -96,7 +103,8 @@ Chance is uniform guessing among the answers each question allows.
 
 `python -m eemllm_models.zoo.train_smollm2 --out DIR` (the recipe is in that module's docstring; a later
 stage continues from an earlier one's folder with `--init-from` on new scenes). Each step takes fresh
-train-split scenes, each a ChatML conversation over its seven questions; the loss is the next-token loss
+train-split scenes, each a ChatML conversation over its seven questions (and, with `--extra-turns`, more
+questions of the types named there); the loss is the next-token loss
 on the answers, plus objectives on the vision side only (patch content and cell of each visual feature,
 and each visual token's words among SmolLM2's frozen embeddings). SmolLM2's weights stay frozen; nothing
 but the answer loss acts inside it. Seed {info["seed"]}.
@@ -105,7 +113,7 @@ but the answer loss acts inside it. Seed {info["seed"]}.
 | --- | --- | --- | --- | --- |
 {stage_rows}
 
-{sum(st["minutes"] for st in stages):.0f} minutes in all. `training_log.json` holds every stage's validation curve
+{minutes:.0f} minutes in all{over}. `training_log.json` holds every stage's validation curve
 (70 rows of train-split seed 1 at each evaluation).
 
 The adapters ship separately from the language model (this folder holds no pretrained weight), so
