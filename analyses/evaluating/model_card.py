@@ -124,7 +124,8 @@ linear layers when the model is assembled, so the loaded model is a plain
     short = [r.qtype for r in table.itertuples() if r.qtype != "overall" and r.accuracy < TARGET]
     if short:
         card += (f"\n## Limits\n\nBelow the {TARGET:.0%} the zoo asks of its models: "
-                 + ", ".join(f"`{q}` ({table.set_index('qtype').accuracy[q]:.1%})" for q in short)
+                 + ", ".join(f"`{q}` ({table.set_index('qtype').accuracy[q]:.1%}, chance {shapes_vqa.CHANCE[q]:.0%})"
+                             for q in short)
                  + ". A further stage (`--init-from` this folder, `--first-scene` after the scenes the log lists) "
                    "continues the training on new scenes.\n")
     atomic_write_text(folder / "README.md", card)
