@@ -24,7 +24,10 @@ What it trains, and what it leaves alone:
   (without it, 90 steps stayed at the answer priors).
 * **Every question of a scene in one sequence**: a ChatML conversation over the scene's seven
   question types in random order, the loss on each answer and its ``<|im_end|>``. The first turn is
-  exactly the benchmark's single-turn prompt.
+  exactly the benchmark's single-turn prompt. ``--extra-turns mc=3,relation=2`` asks each scene that
+  many more questions of those types (drawn again: other cells, options, pairs), for the types that
+  learn slowest (the shipped stage 3 used it: multiple choice was at chance, and left/right relations
+  were answered "left").
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions. Every ``--eval-every`` steps it measures greedy accuracy on
   train-split seed 1 (scenes training never sees) and writes what ships, atomically.
