@@ -18,7 +18,7 @@ MODEL=zoo:smollm2-shapes
 TEST_ROWS="${TEST_ROWS:-280}"
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-eemllm demo --model "$MODEL" --out "$OUT/demo" --overwrite ${DEMO_ARGS:-}
+time eemllm demo --model "$MODEL" --out "$OUT/demo" --overwrite ${DEMO_ARGS:-}
 eemllm plan --model "$MODEL" --lc "$OUT/demo/lc.nc" --tolerance 0.01 --samples "${SELECT_ROWS:-70}" \
     --out "$OUT/tolerance.json"
 eemllm plan --model "$MODEL" --policy budget --modes "$OUT/demo/mode_contribution.nc" --target 0.5 \

@@ -110,3 +110,12 @@ def test_the_comparison_benchmark_puts_every_method_side_by_side_at_the_target()
     assert table.kv_cache_bytes["vtw"] < table.kv_cache_bytes["original"]
     planned = table.drop(index="original")
     assert planned.difference.between(planned.difference_low, planned.difference_high).all()
+
+
+def test_a_methods_plan_is_labelled_by_runs_of_layers():
+    from analyses.choosing.methods import describe, layer_ranges
+
+    assert layer_ranges([9, 2, 3, 4, 5, 7, 10]) == "2-5, 7, 9-10" and layer_ranges([]) == ""
+    plan = EfficiencyPlan.from_layers(12, [3, 4, 5, 9], "frozen").with_visual_keep([1.0] * 10 + [0.0, 0.0])
+    assert describe(plan) == "frozen 3-5, 9; keep 0 from layer 10"
+    assert describe(EfficiencyPlan.empty(12)) == "nothing"

@@ -15,7 +15,7 @@ A method that cannot reach the target (NAAViT saves only attention) is shown at 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -65,9 +65,20 @@ def method_plans(lc: xr.Dataset, modes: xr.Dataset, withdrawal: xr.Dataset, conf
     return plans
 
 
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Sorted layer indices as runs: ``[2, 3, 4, 5, 7, 9, 10]`` -> ``"2-5, 7, 9-10"``."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def describe(plan: EfficiencyPlan) -> str:
-    """A short label of what ``plan`` changes."""
-    parts = [f"{m} {list(plan.layers(m))}" for m in ("frozen", "naavit", "composite") if plan.layers(m)]
+    """A short label of what ``plan`` changes: ``"frozen 2-5, 7; keep 0 from layer 24"``."""
+    parts = [f"{m} {layer_ranges(plan.layers(m))}" for m in ("frozen", "naavit", "composite") if plan.layers(m)]
     parts += [f"keep {keep:g} from layer {layer}" for layer, keep in plan.keep_stages()]
     return "; ".join(parts) or "nothing"
 
