@@ -80,7 +80,8 @@ class EfficiencyPlan:
         bad = sorted({m for m in self.modes if m not in MODES})
         if bad:
             raise ValueError(f"unknown layer mode(s) {bad}; choose from {list(MODES)}")
-        keep = [1.0] * len(self.modes) if self.visual_keep is None else [float(k) for k in self.visual_keep]
+        # + 0.0 turns -0.0 (what float arithmetic can give for "none kept") into 0.0, so plans compare and print alike
+        keep = [1.0] * len(self.modes) if self.visual_keep is None else [float(k) + 0.0 for k in self.visual_keep]
         object.__setattr__(self, "visual_keep", keep)
         _check_visual_keep(keep, len(self.modes))
         if self.visual_ranking not in VISUAL_RANKINGS:

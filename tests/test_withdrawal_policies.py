@@ -119,3 +119,10 @@ def test_a_methods_plan_is_labelled_by_runs_of_layers():
     plan = EfficiencyPlan.from_layers(12, [3, 4, 5, 9], "frozen").with_visual_keep([1.0] * 10 + [0.0, 0.0])
     assert describe(plan) == "frozen 3-5, 9; keep 0 from layer 10"
     assert describe(EfficiencyPlan.empty(12)) == "nothing"
+
+
+def test_minus_zero_keeps_none_like_zero():
+    from analyses.choosing.methods import describe
+
+    plan = EfficiencyPlan.prune_tokens(8, 2, -0.0)
+    assert plan == EfficiencyPlan.prune_tokens(8, 2, 0.0) and describe(plan) == "keep 0 from layer 2"

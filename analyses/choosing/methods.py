@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import datasets
-import numpy as np
 import pandas as pd
 import xarray as xr
 from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
@@ -58,8 +57,8 @@ def method_plans(lc: xr.Dataset, modes: xr.Dataset, withdrawal: xr.Dataset, conf
                                       config, tokens, target)
     plans["vtw"] = _first_reaching([EfficiencyPlan.withdraw(n, layer) for layer in range(n - 1, 0, -1)],
                                    config, tokens, target)
-    keeps = np.round(np.arange(0.95, -0.01, -0.05), 2)
-    plans["fastv"] = _first_reaching([EfficiencyPlan.prune_tokens(n, FASTV_LAYER, float(k)) for k in keeps],
+    keeps = [round(0.05 * i, 2) for i in range(19, -1, -1)]  # 0.95, 0.9, ..., 0.0 (no -0.0 from arange)
+    plans["fastv"] = _first_reaching([EfficiencyPlan.prune_tokens(n, FASTV_LAYER, k) for k in keeps],
                                      config, tokens, target)
     plans["budget"] = budget_plan(modes, config, tokens, target, withdrawal=withdrawal)
     return plans
