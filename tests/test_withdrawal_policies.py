@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from transformers import LlamaConfig
 
 import probes
 from analyses.choosing.policies import (
