@@ -55,8 +55,15 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"prefill {latency.prefill_ms['original']:.0f} ms -> {latency.prefill_ms['pruned']:.0f} ms "
           f"({latency.prefill_speedup['pruned']:.2f}x, 95% interval {latency.prefill_speedup_low['pruned']:.2f}-"
           f"{latency.prefill_speedup_high['pruned']:.2f}x over {latency.repeats['pruned']} paired runs{noisy})")
+    methods = result.methods
+    print(f"methods at {methods.target.iloc[0]:.0%} of the decoder FLOPs, on the same {methods.n.iloc[0]} test "
+          "questions (change in points, 95% paired interval; prefill speedup, FLOPs-ideal in brackets):")
+    for row in methods.iloc[1:].itertuples():
+        print(f"  {row.method:<9} {100 * row.difference:+6.1f} [{100 * row.difference_low:+.1f}, "
+              f"{100 * row.difference_high:+.1f}]  {row.prefill_speedup:.2f}x ({row.ideal_prefill_speedup:.2f}x)  "
+              f"{row.plan}")
     print(f"wrote {args.out}: report/index.html, pruned-model/, plan.json, the probes' .nc files, "
-          "comparison.csv, latency.csv, demo_answers.csv, demo_summary.json")
+          "comparison.csv, methods.csv, latency.csv, demo_answers.csv, demo_summary.json")
     return 0
 
 

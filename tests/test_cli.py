@@ -23,6 +23,7 @@ def test_demo_runs_the_flow_and_its_pruned_model_scores_as_reported(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "overall:" in result.stdout and "Layer Contribution" in result.stdout and "ShortV plan" in result.stdout
     assert "prefill" in result.stdout and "text" in result.stdout
+    assert "methods at 50% of the decoder FLOPs" in result.stdout
     report = json.loads((out / "report" / "summary.json").read_text())
     assert (out / "report" / "index.html").is_file() and (out / "report" / "report.md").is_file()
     assert report["claims"].keys() and pd.read_csv(out / "comparison.csv").policy.nunique() == 5
