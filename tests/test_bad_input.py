@@ -200,7 +200,10 @@ def _interrupt_when(command: list[str], ready, cwd: Path, limit: float = 240) ->
     """Start ``command``, send it SIGINT (Ctrl-C) once ``ready()`` holds, and wait for it to end."""
     log = cwd / "stderr.txt"
     with log.open("w") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=OFFLINE, cwd=cwd)
+        # SIG_DFL in the child: a test run started in the background (`pytest &`, nohup) has SIGINT ignored, which
+        # children inherit, and Python then installs no Ctrl-C handler, so the interrupt would never arrive
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=OFFLINE, cwd=cwd,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         end = time.monotonic() + limit
         while not ready() and process.poll() is None and time.monotonic() < end:
             time.sleep(0.1)
