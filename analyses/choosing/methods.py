@@ -31,7 +31,6 @@ from analyses.measuring.flops import TokenCounts, flops_ratio
 
 FASTV_LAYER = 2
 """FastV's K: tokens are ranked at layer K-1 and pruned from layer K on."""
-METHODS = ("shortv", "naavit", "composite", "vtw", "fastv", "budget")
 LATENCY_COLUMNS = ("prefill_speedup", "prefill_speedup_low", "prefill_speedup_high", "decode_speedup",
                    "kv_cache_bytes", "noisy")
 """The columns of :func:`analyses.measuring.latency.measure_latency` that :func:`method_table` joins."""
@@ -46,8 +45,9 @@ def _first_reaching(plans: list[EfficiencyPlan], config: PretrainedConfig, token
 
 def method_plans(lc: xr.Dataset, modes: xr.Dataset, withdrawal: xr.Dataset, config: PretrainedConfig,
                  tokens: TokenCounts, target: float) -> dict[str, EfficiencyPlan]:
-    """Each of :data:`METHODS`' plan at the decoder prefill FLOPs ``target`` for prompts of ``tokens``, from the
-    probes' results (``probes.layer_contribution``, ``mode_contribution``, ``withdrawal_contribution``)."""
+    """Each method's plan (the module docstring's, in its order) at the decoder prefill FLOPs ``target`` for
+    prompts of ``tokens``, from the probes' results (``probes.layer_contribution``, ``mode_contribution``,
+    ``withdrawal_contribution``)."""
     n = lc.sizes["layer"]
     plans = {"shortv": _first_reaching([freeze_plan(lc, k) for k in range(1, n + 1)], config, tokens, target)}
     for mode in ("naavit", "composite"):

@@ -201,16 +201,16 @@ def _mc_question(shapes: tuple[Item, ...], rng: np.random.Generator) -> Question
     return Question("mc", "\n".join(lines), MC_LETTERS[choices.index(truth)], choices, cells=(item.cell,))
 
 
-REDRAWN_QTYPES = ("relation", "exists", "mc")
+_DRAWN = {"relation": _relation_question, "exists": _exists_question, "mc": _mc_question}
+REDRAWN_QTYPES = tuple(_DRAWN)
 """Question types :func:`another_question` can draw again for a scene (the others have one answer per scene)."""
 
 
 def another_question(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
     """A fresh question of ``qtype`` (one of :data:`REDRAWN_QTYPES`) about ``scene``, drawn from ``rng``."""
-    draw = {"relation": _relation_question, "exists": _exists_question, "mc": _mc_question}
-    if qtype not in draw:
+    if qtype not in _DRAWN:
         raise ValueError(f"cannot draw another {qtype!r} question; choose one of {REDRAWN_QTYPES}")
-    return draw[qtype](scene.shapes, rng)
+    return _DRAWN[qtype](scene.shapes, rng)
 
 
 def make_scene(rng: np.random.Generator) -> Scene:

@@ -57,7 +57,8 @@ def shipped_dir() -> Path:
 def build_processor(tokenizer) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: the default model's CLIP image processor (160 px) and ``tokenizer``
     (SmolLM2's, with ``<image>`` added)."""
-    return LlavaProcessor(image_processor=build.build_image_processor(), tokenizer=tokenizer, patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
+    return LlavaProcessor(image_processor=build.build_image_processor(), tokenizer=tokenizer,
+                          patch_size=build.PATCH_SIZE, vision_feature_select_strategy="default",
                           chat_template=CHAT_TEMPLATE, image_token=build.IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
