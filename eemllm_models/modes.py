@@ -123,19 +123,34 @@ class Rows:
         """``x`` ``[batch, seq, ...]`` at these positions -> ``[batch, n, ...]``."""
         return take_rows(x, self.flat, self.n)
 
+    def take_ok(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[batch, seq, ...]`` at the valid slots' positions only, as one sequence -> ``[1, n_ok, ...]``:
+        row-wise work (o_proj, MLP) on these rows skips the slots that only pad the batch to the longest count."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat_ok)[None]
+
+    def ok_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``[batch, n, ...]`` (one per slot, e.g. :meth:`take`'s) at the valid slots -> ``[1, n_ok, ...]``."""
+        rows = rows.reshape(-1, *rows.shape[2:])
+        return (rows if self.slots_ok is None else rows.index_select(0, self.slots_ok))[None]
+
+    def put_ok_(self, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """``out`` at the valid slots' positions ``= rows`` ``[1, n_ok, width]``, in place; ``out`` ``[batch, seq,
+        width]`` contiguous."""
+        out.view(-1, out.shape[-1]).index_copy_(0, self.flat_ok, rows[0].to(out.dtype))
+
     def put_(self, out: torch.Tensor, rows: torch.Tensor) -> None:
         """``out[b, index[b, i]] = rows[b, i]`` for the valid slots, in place; ``out`` ``[batch, seq, width]``
         contiguous, ``rows`` ``[batch, n, width]``."""
-        rows = rows.reshape(-1, rows.shape[-1])
-        if self.slots_ok is not None:
-            rows = rows.index_select(0, self.slots_ok)
-        out.view(-1, out.shape[-1]).index_copy_(0, self.flat_ok, rows.to(out.dtype))
+        self.put_ok_(out, self.ok_slots(rows))
 
 
 @dataclass(frozen=True)
 class RowSplit:
-    """A layout's positions split into visual rows and other rows (text and padding: everything a
-    visual mode leaves in full), each as :class:`Rows`."""
+    """A layout's positions split into visual rows and other rows (the text: everything a visual mode
+    leaves in full), each as :class:`Rows`. Padding is in neither: no mode forms a query for it,
+    ``frozen`` passes it on unchanged (o_proj and MLP run on the valid text rows only, not on the slots
+    that pad them to the longest text), ``naavit`` and ``composite`` give it a zero attention output; its
+    keys are masked anyway, so what a padding row holds never reaches a real one."""
 
     visual_rows: Rows
     other_rows: Rows
@@ -144,7 +159,7 @@ class RowSplit:
     def from_layout(cls, layout: TokenLayout) -> RowSplit:
         """The split of ``layout``, on its device. Built from a CPU layout, no step waits for a device:
         :func:`open_call` does that, then moves the split with :meth:`to`."""
-        return cls(Rows.where(layout.visual), Rows.where(~layout.visual))
+        return cls(Rows.where(layout.visual), Rows.where(layout.text))
 
     def to(self, device: torch.device) -> RowSplit:
         return RowSplit(self.visual_rows.to(device), self.other_rows.to(device))
@@ -160,7 +175,7 @@ class RowSplit:
 
     @property
     def other(self) -> torch.Tensor:
-        """``[batch, n_other]`` positions of text and padding."""
+        """``[batch, n_other]`` positions of the text."""
         return self.other_rows.index
 
     @property
@@ -253,7 +268,8 @@ class _RotaryTables:
 @dataclass
 class _FrozenRun:
     """A frozen run in progress: ``buffer`` ``[batch, seq, hidden]`` is the last layer's output (its
-    own copy: visual rows from the run's input, text rows written in place); ``text`` the text rows."""
+    own copy: visual rows from the run's input, text rows written in place); ``text`` the text rows
+    ``[1, n_text, hidden]`` (:meth:`Rows.take_ok`)."""
 
     buffer: torch.Tensor
     version: int | None
@@ -529,16 +545,15 @@ def _frozen_forward(layer, cache: CallCache, hidden_states, attention_mask, posi
     other = cache.split.other_rows
     run, cache.run = cache.run, None
     continuing = run is not None and run.continues(layer, hidden_states)
-    text = run.text if continuing else other.take(hidden_states)
+    text = run.text if continuing else other.take_ok(hidden_states)  # [1, n_ok, hidden]
     rotary = cache.rotary(position_embeddings)
     normed = layer.input_layernorm(hidden_states)
     kv = _keys_values(layer, normed, rotary.all, kv_cache)
     style = style_of(layer)
-    rows = style.attention_residual(layer, text, _other_attention(layer, cache, normed, kv, attention_mask,
-                                                                  rotary.other))
-    rows = style.feed_forward(layer, rows)
+    attention = other.ok_slots(_other_attention(layer, cache, normed, kv, attention_mask, rotary.other))
+    rows = style.feed_forward(layer, style.attention_residual(layer, text, attention))
     out = hidden_states if continuing else hidden_states.clone(memory_format=torch.contiguous_format)
-    other.put_(out, rows)
+    other.put_ok_(out, rows)
     if not out.requires_grad and not _hooked(layer):
         cache.run = _FrozenRun(out, _version(out), rows, attn.layer_idx + 1)
     return out
@@ -563,7 +578,7 @@ def _visual_forward(layer, mode: str, cache: CallCache, hidden_states, attention
             out_visual = own_value.repeat_interleave(attn.num_key_value_groups, dim=2).flatten(2)
         else:
             out_visual = _naavit_visual_attention(layer, cache, normed, kv, attention_mask, rotary.visual)
-        attn_out = torch.empty(batch, seq, out_other.shape[-1], dtype=out_other.dtype, device=out_other.device)
+        attn_out = out_other.new_zeros(batch, seq, out_other.shape[-1])  # padding rows stay 0
         split.other_rows.put_(attn_out, out_other)
         split.visual_rows.put_(attn_out, out_visual)
     style = style_of(layer)

@@ -71,6 +71,7 @@ def test_frozen_layer_keeps_visual_rows_and_matches_text_rows(model):
         full = layer(hidden, **kwargs)
         frozen = fast_forward(layer, "frozen", layout, RowSplit.from_layout(layout), hidden, **kwargs)
     assert torch.equal(frozen[layout.visual], hidden[layout.visual])
+    assert (~layout.valid).any() and torch.equal(frozen[~layout.valid], hidden[~layout.valid])  # padding passed on
     torch.testing.assert_close(frozen[layout.text], full[layout.text], rtol=1e-5, atol=1e-6)
 
 
