@@ -140,21 +140,30 @@ def _probe(args: argparse.Namespace) -> int:
     model, processor = _load(args)
     common = dict(samples=args.samples, seed=args.seed, batch_size=args.batch_size, image_column=args.image_column,
                   question_column=args.question_column, answer_column=args.answer_column)
+    contribution = dict(divergence=args.divergence, positions=args.positions, **common)
+    both = {"lc", "modes"} <= set(args.probes)
+    written: set[str] = set()
     for name in args.probes:
-        checkpoint = None if args.checkpoint is None else args.checkpoint / name
-        if name == "lc":
-            result = probes.layer_contribution(model, processor, data, divergence=args.divergence,
-                                               positions=args.positions, checkpoint=checkpoint, **common)
+        if name in written:
+            continue
+        pair = both and name in ("lc", "modes")  # one pass serves both (its frozen column is the visual LC)
+        checkpoint = None if args.checkpoint is None else args.checkpoint / ("lc-modes" if pair else name)
+        if pair:
+            computed = dict(zip(("lc", "modes"), probes.layer_and_mode_contribution(
+                model, processor, data, checkpoint=checkpoint, **contribution)))
+        elif name == "lc":
+            computed = {name: probes.layer_contribution(model, processor, data, checkpoint=checkpoint, **contribution)}
         elif name == "modes":
-            result = probes.mode_contribution(model, processor, data, divergence=args.divergence,
-                                              positions=args.positions, checkpoint=checkpoint, **common)
+            computed = {name: probes.mode_contribution(model, processor, data, checkpoint=checkpoint, **contribution)}
         else:
-            result = probes.attention_statistics(model, processor, data, checkpoint=checkpoint, **common)
-        if _is_main_process():
-            path = probes.save_result(result, args.out / PROBE_FILES[name])
-            print(f"wrote {path}")
-            if name == "lc":
-                _print_lc(result)
+            computed = {name: probes.attention_statistics(model, processor, data, checkpoint=checkpoint, **common)}
+        for done, result in computed.items():
+            written.add(done)
+            if _is_main_process():
+                path = probes.save_result(result, args.out / PROBE_FILES[done])
+                print(f"wrote {path}")
+                if done == "lc":
+                    _print_lc(result)
     return 0
 
 

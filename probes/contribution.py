@@ -259,25 +259,54 @@ def layer_contribution(
     """
     _check_divergence(divergence)
     contributions = _contributions(implementation)
-    if current_plan(model).withdraws:
-        raise NotImplementedError("layer_contribution traces every layer's visual rows; this model's plan withdraws "
-                                  "visual tokens: measure it with mode_contribution(implementation='reference') "
-                                  "(its frozen contribution is the visual Layer Contribution)")
+    _refuse_withdrawal(model)
     spec = ProbeInputs(dataset, samples, seed, batch_size, positions, prompt_template, **columns)
 
     def probe(batch: PromptedBatch) -> xr.Dataset:
         kept = trace(model, batch.inputs)
-        lc = contributions(model, batch, GROUPS, divergence, kept)
-        cosine, change = _similarity(kept)
-        dims = ("sample", "layer", "group")
-        return xr.Dataset({"lc": (dims, lc.numpy()), "cosine": (dims, cosine.numpy()),
-                           "relative_change": (dims, change.numpy())},
-                          coords={"layer": range(lc.shape[1]), "group": list(GROUPS)})
+        return _lc_dataset(kept, contributions(model, batch, GROUPS, divergence, kept))
 
     result = run_probe("layer_contribution", model, processor, spec, probe,
                        {"divergence": divergence, "implementation": implementation}, checkpoint, progress)
+    return _finish_lc(result, divergence)
+
+
+def _refuse_withdrawal(model: PreTrainedModel) -> None:
+    if current_plan(model).withdraws:
+        raise NotImplementedError("layer_contribution traces every layer's visual rows; this model's plan withdraws "
+                                  "visual tokens: measure it with mode_contribution(implementation='reference') "
+                                  "(its frozen contribution is the visual Layer Contribution)")
+
+
+def _lc_dataset(kept: Trace, lc: torch.Tensor) -> xr.Dataset:
+    """One batch's ``lc`` ``[batch, layer, group]`` with the cosine and relative-change baselines of its trace."""
+    cosine, change = _similarity(kept)
+    dims = ("sample", "layer", "group")
+    return xr.Dataset({"lc": (dims, lc.numpy()), "cosine": (dims, cosine.numpy()),
+                       "relative_change": (dims, change.numpy())},
+                      coords={"layer": range(lc.shape[1]), "group": list(GROUPS)})
+
+
+def _finish_lc(result: xr.Dataset, divergence: str) -> xr.Dataset:
     result["lc"].attrs = {"units": "nats", "long_name": f"Layer Contribution ({divergence})"}
     return with_intervals(result, "lc")  # lc_low/lc_high [layer, group], selection_stability [k, layer, group]
+
+
+def _modes_dataset(values: torch.Tensor, modes: tuple[str, ...]) -> xr.Dataset:
+    """One batch's ``contribution`` ``[batch, layer, mode]``."""
+    return xr.Dataset({"contribution": (("sample", "layer", "mode"), values.numpy())},
+                      coords={"layer": range(values.shape[1]), "mode": list(modes)})
+
+
+def _finish_modes(result: xr.Dataset, divergence: str) -> xr.Dataset:
+    result["contribution"].attrs = {"units": "nats", "long_name": f"mode contribution ({divergence})"}
+    return with_intervals(result, "contribution")  # contribution_low/_high [layer, mode], selection_stability
+
+
+def _check_modes(modes: tuple[str, ...]) -> None:
+    unknown = [m for m in modes if m not in CONTRIBUTION_MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty selection of {CONTRIBUTION_MODES}, got {list(modes)}")
 
 
 def mode_contribution(
@@ -302,18 +331,58 @@ def mode_contribution(
     Same arguments as :func:`layer_contribution`; returns ``contribution`` ``[sample, layer, mode]``.
     """
     _check_divergence(divergence)
-    unknown = [m for m in modes if m not in CONTRIBUTION_MODES]
-    if unknown or not modes:
-        raise ValueError(f"modes must be a non-empty selection of {CONTRIBUTION_MODES}, got {list(modes)}")
+    _check_modes(tuple(modes))
     contributions = _contributions(implementation)
     spec = ProbeInputs(dataset, samples, seed, batch_size, positions, prompt_template, **columns)
 
     def probe(batch: PromptedBatch) -> xr.Dataset:
-        values = contributions(model, batch, tuple(modes), divergence)
-        return xr.Dataset({"contribution": (("sample", "layer", "mode"), values.numpy())},
-                          coords={"layer": range(values.shape[1]), "mode": list(modes)})
+        return _modes_dataset(contributions(model, batch, tuple(modes), divergence), tuple(modes))
 
     result = run_probe("mode_contribution", model, processor, spec, probe,
                        {"divergence": divergence, "implementation": implementation}, checkpoint, progress)
-    result["contribution"].attrs = {"units": "nats", "long_name": f"mode contribution ({divergence})"}
-    return with_intervals(result, "contribution")  # contribution_low/_high [layer, mode], selection_stability
+    return _finish_modes(result, divergence)
+
+
+def layer_and_mode_contribution(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    dataset,
+    modes: tuple[str, ...] = CONTRIBUTION_MODES,
+    samples: int | None = 40,
+    seed: int = 0,
+    batch_size: int = 8,
+    divergence: str = "kl",
+    positions: str = "last_prompt",
+    prompt_template: str | None = None,
+    implementation: str = "sweep",
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    **columns: str,
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """:func:`layer_contribution` and :func:`mode_contribution` of the same samples, from one pass per batch:
+    ``(lc, modes)``, each as those functions return it.
+
+    One trace per batch serves both, and the ``frozen`` contribution is the visual Layer Contribution's
+    intervention (the layer leaves the visual rows unchanged), measured once: for the default three modes
+    the sweep reruns the later layers for four interventions instead of five. Same arguments as
+    :func:`mode_contribution`; ``checkpoint`` holds the batches of both.
+    """
+    _check_divergence(divergence)
+    _check_modes(tuple(modes))
+    _refuse_withdrawal(model)
+    contributions = _contributions(implementation)
+    interventions = (*GROUPS, *(m for m in modes if m != "frozen"))
+    columns_of = [interventions.index("visual" if m == "frozen" else m) for m in modes]
+    spec = ProbeInputs(dataset, samples, seed, batch_size, positions, prompt_template, **columns)
+
+    def probe(batch: PromptedBatch) -> xr.Dataset:
+        kept = trace(model, batch.inputs)
+        values = contributions(model, batch, interventions, divergence, kept)
+        return xr.merge([_lc_dataset(kept, values[..., :len(GROUPS)]),
+                         _modes_dataset(values[..., columns_of], tuple(modes))])
+
+    both = run_probe("layer_and_mode_contribution", model, processor, spec, probe,
+                     {"divergence": divergence, "implementation": implementation}, checkpoint, progress)
+    lc, per_mode = both[["lc", "cosine", "relative_change"]], both[["contribution"]]
+    lc.attrs, per_mode.attrs = ({**both.attrs, "probe": name} for name in ("layer_contribution", "mode_contribution"))
+    return _finish_lc(lc, divergence), _finish_modes(per_mode, divergence)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 import probes
-from eemllm_models import load_shapes_vqa
+from eemllm_models import load_shapes_vqa, load_zoo
 from eemllm_models.zoo import build
 from probes.attention import attention_statistics_batch
 from probes.contribution import GROUPS, reference_contributions, sweep_contributions
@@ -84,6 +84,13 @@ def untrained():
 
 
 @pytest.fixture(scope="module")
+def trained():
+    """The embedded default model: contributions far from 0, so agreement means something."""
+    model, processor = load_zoo("default")
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
 def data():
     return load_shapes_vqa("train", n=40)
 
@@ -102,6 +109,28 @@ def test_layer_contribution_result_is_labelled_data(untrained, data, tmp_path):
     xr.testing.assert_identical(probes.open_result(path, model, "layer_contribution"), result)
     frame = probes.to_frame(result, "lc")
     assert {"sample", "layer", "group", "lc", "qtype"} <= set(frame.columns) and len(frame) == 6 * 12 * 2
+
+
+def test_layer_and_mode_contribution_in_one_pass_equals_the_two_probes(trained, data, tmp_path):
+    model, processor = trained
+    settings = dict(samples=6, seed=1, batch_size=4)
+    lc, modes = probes.layer_and_mode_contribution(model, processor, data, **settings)
+    alone_lc = probes.layer_contribution(model, processor, data, **settings)
+    alone_modes = probes.mode_contribution(model, processor, data, **settings)
+    xr.testing.assert_identical(lc, alone_lc)
+    assert modes.attrs == alone_modes.attrs and list(modes["mode"].values) == ["frozen", "naavit", "composite"]
+    for name in ("naavit", "composite"):
+        xr.testing.assert_identical(modes.contribution.sel(mode=name), alone_modes.contribution.sel(mode=name))
+    # frozen is the visual LC's intervention: the fast path and the row mix agree to rounding
+    xr.testing.assert_allclose(modes.contribution.sel(mode="frozen"), alone_modes.contribution.sel(mode="frozen"),
+                               rtol=1e-4, atol=1e-6)
+    xr.testing.assert_allclose(modes.drop_vars("contribution"), alone_modes.drop_vars("contribution"),
+                               rtol=1e-3, atol=1e-5)
+    for result, probe in ((lc, "layer_contribution"), (modes, "mode_contribution")):
+        path = probes.save_result(result, tmp_path / f"{probe}.nc")
+        xr.testing.assert_identical(probes.open_result(path, model, probe), result)
+    _, naavit_only = probes.layer_and_mode_contribution(model, processor, data, modes=("naavit",), **settings)
+    xr.testing.assert_identical(naavit_only.contribution, alone_modes.contribution.sel(mode=["naavit"]))
 
 
 def test_interrupted_run_resumes_without_losing_or_repeating_samples(untrained, data, tmp_path, monkeypatch):
