@@ -1,0 +1,18 @@
+from analyses.evaluating.mc_diagnosis import copyable_share, stated
+from eemllm_models import load_shapes_vqa
+
+
+def test_stated_puts_the_answers_option_in_words_before_the_question():
+    test = load_shapes_vqa("test", n=200).filter(lambda row: row["qtype"] == "mc")
+    for question, answer in zip(test["question"][:5], test["answer"][:5]):
+        text = stated(question, answer)
+        fact, rest = text.split("\n", 1)
+        option = next(line.split(". ", 1)[1] for line in question.split("\n") if line.startswith(f"{answer}. "))
+        assert rest == question and fact == f"Fact: the answer to '{question.splitlines()[0]}' is {option}."
+
+
+def test_copyable_share_counts_every_mc_turn():
+    copyable, total = copyable_share(scenes=50, extra_mc=3)
+    assert total == 50 * 4 and 0 < copyable < total
+    alone, single = copyable_share(scenes=50, extra_mc=0)
+    assert single == 50 and alone < copyable
