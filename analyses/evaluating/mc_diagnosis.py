@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,11 @@ from eemllm_models.zoo import shapes_vqa
 from probes.uncertainty import wilson_interval
 
 
-def stated(question: str, answer: str) -> str:
-    """``question`` (a shapes-vqa multiple-choice question) after a line that states its ``answer`` letter's option."""
-    lines = question.split("\n")
-    options = dict(line.split(". ", 1) for line in lines[1:] if line[:2] in {f"{c}." for c in "ABCD"})
-    return f"Fact: the answer to '{lines[0]}' is {options[answer]}.\n{question}"
+def stated(question: str, answer: str, choices: Sequence[str]) -> str:
+    """``question`` (a shapes-vqa multiple-choice question, its options ``choices`` in letter order) after a line
+    that states the option of its ``answer`` letter."""
+    stem = question.split("\n", 1)[0]
+    return f"Fact: the answer to '{stem}' is {choices[shapes_vqa.MC_LETTERS.index(answer)]}.\n{question}"
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for mc_diagnosis.json")
     args = parser.parse_args()
     test = load_shapes_vqa("test", n=args.rows).filter(lambda row: row["qtype"] == "mc")
-    questions = [stated(q, a) for q, a in zip(test["question"], test["answer"])]
+    questions = [stated(q, a, c) for q, a, c in zip(test["question"], test["answer"], test["choices"])]
     rows = []
     zoo, processor = load_zoo("smollm2-shapes")
     lm, tokenizer = load_pretrained_lm("smollm2-135m")
