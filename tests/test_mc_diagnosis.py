@@ -11,8 +11,7 @@ def test_stated_puts_the_answers_option_in_words_before_the_question():
         assert rest == question and fact == f"Fact: the answer to '{question.splitlines()[0]}' is {option}."
 
 
-def test_copyable_share_counts_every_mc_turn():
-    copyable, total = copyable_share(scenes=50, extra_mc=3)
-    assert total == 50 * 4 and 0 < copyable < total
-    alone, single = copyable_share(scenes=50, extra_mc=0)
-    assert single == 50 and alone < copyable
+def test_training_conversations_leave_almost_no_mc_turn_copyable():
+    copyable, total = copyable_share(scenes=200, extra_mc=3)
+    assert total == 200 * 4 and copyable / total < 0.01
+    assert copyable_share(scenes=50, extra_mc=0) == (0, 50)

@@ -113,3 +113,20 @@ def test_another_question_is_drawn_about_the_same_scene():
         assert relation.answer in ("left", "right", "above", "below")
     with pytest.raises(ValueError, match="cannot draw another 'count' question; choose one of"):
         shapes_vqa.another_question(scene, "count", rng)
+
+
+def test_a_training_conversation_never_lets_multiple_choice_copy_an_earlier_turn():
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for index in range(300):
+        scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", index))
+        turns = shapes_vqa.conversation(scene, {"mc": 3, "relation": 2}, rng)
+        assert sorted(q.qtype for q in turns) == sorted([*shapes_vqa.QTYPES, "mc", "mc", "mc", "relation", "relation"])
+        assert set(scene.questions) <= set(turns)
+        firsts.add(turns[0].qtype)
+        seen = set()
+        for q in turns:
+            if q.qtype == "mc" and len(scene.shapes) > 2:
+                assert shapes_vqa.asks(q) not in seen
+            seen.add(shapes_vqa.asks(q))
+    assert firsts == set(shapes_vqa.QTYPES)

@@ -213,6 +213,45 @@ def another_question(scene: Scene, qtype: str, rng: np.random.Generator) -> Ques
     return _DRAWN[qtype](scene.shapes, rng)
 
 
+def asks(question: Question) -> tuple[int, str] | None:
+    """``(cell, "color" | "shape")`` when ``question`` asks one attribute of the shape in one cell, else None."""
+    if question.qtype in ("color_at", "shape_at"):
+        return question.cells[0], question.qtype.removesuffix("_at")
+    if question.qtype == "mc":
+        return question.cells[0], "color" if question.question.startswith("What color") else "shape"
+    return None
+
+
+def conversation(scene: Scene, extra: dict[str, int], rng: np.random.Generator, tries: int = 20) -> list[Question]:
+    """The scene's questions plus ``extra[qtype]`` more of each redrawn type, in an order drawn from ``rng``
+    in which no multiple-choice turn can be answered by copying an earlier turn.
+
+    A further ``mc`` question is drawn again (up to ``tries`` times) while it asks what another ``mc``
+    turn asks, and each ``mc`` turn goes before the ``color_at``/``shape_at`` turn that asks the same
+    cell's same attribute (they swap places), so the letter has to come from the image: the benchmark
+    asks ``mc`` on its own.
+    """
+    questions = list(scene.questions)
+    mc_asked = {asks(q) for q in questions if q.qtype == "mc"}
+    for qtype, n in extra.items():
+        for _ in range(n):
+            question = another_question(scene, qtype, rng)
+            for _ in range(tries if qtype == "mc" else 0):
+                if asks(question) not in mc_asked:
+                    break
+                question = another_question(scene, qtype, rng)
+            if qtype == "mc":
+                mc_asked.add(asks(question))
+            questions.append(question)
+    order = [questions[i] for i in rng.permutation(len(questions))]
+    for k, question in enumerate(order):
+        if question.qtype == "mc":
+            earlier = next((j for j in range(k) if order[j].qtype != "mc" and asks(order[j]) == asks(question)), None)
+            if earlier is not None:
+                order[earlier], order[k] = order[k], order[earlier]
+    return order
+
+
 def make_scene(rng: np.random.Generator) -> Scene:
     """Draw, render and question one scene from ``rng``."""
     n_shapes = int(rng.integers(MIN_SHAPES, MAX_SHAPES + 1))

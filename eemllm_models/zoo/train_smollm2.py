@@ -26,8 +26,11 @@ What it trains, and what it leaves alone:
   question types in random order, the loss on each answer and its ``<|im_end|>``. The first turn is
   exactly the benchmark's single-turn prompt. ``--extra-turns mc=3,relation=2`` asks each scene that
   many more questions of those types (drawn again: other cells, options, pairs), for the types that
-  learn slowest (the shipped stage 3 used it: multiple choice was at chance, and left/right relations
-  were answered "left").
+  learn slowest (multiple choice was at chance, and left/right relations were answered "left").
+  The order is random except that no multiple-choice turn asks what an earlier turn asked (a
+  ``color_at``/``shape_at`` turn about the same cell, or another ``mc`` turn): in a plain random order
+  28.8% of them could copy the answer from the conversation instead of reading the image, which the
+  benchmark's single-turn ``mc`` cannot.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions. Every ``--eval-every`` steps it measures greedy accuracy on
   train-split seed 1 (scenes training never sees) and writes what ships, atomically.
@@ -62,7 +65,8 @@ from .train import AuxHeads, _code_version, _patch_cells, earlier_stages, _pixel
 
 class ChatEncoder:
     """Scenes -> padded ChatML conversations (one per scene: its seven questions, plus ``extra[qtype]`` more
-    questions of each type in :data:`~eemllm_models.zoo.shapes_vqa.REDRAWN_QTYPES`, in random order)."""
+    questions of each type in :data:`~eemllm_models.zoo.shapes_vqa.REDRAWN_QTYPES`, in the random order of
+    :func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
 
     def __init__(self, processor: LlavaProcessor, n_image_tokens: int, extra: dict[str, int] | None = None):
         self.tok = processor.tokenizer
@@ -81,10 +85,8 @@ class ChatEncoder:
 
     def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """Token ids and labels (``-100`` except on each answer and the ``<|im_end|>`` after it)."""
-        questions = [*scene.questions, *(shapes_vqa.another_question(scene, qtype, rng)
-                                         for qtype, n in self.extra.items() for _ in range(n))]
-        ids = self.tok(self.text([questions[i] for i in rng.permutation(len(questions))]),
-                       add_special_tokens=False)["input_ids"]
+        text = self.text(shapes_vqa.conversation(scene, self.extra, rng))
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
         labels = [-100] * len(ids)
         h = len(self.header)
         for i in range(len(ids) - h):
