@@ -355,19 +355,13 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_modes(plan) -> str:
-    """What ``plan`` changes: its layer modes, and where it keeps fewer visual tokens."""
-    changed = [f"{len(plan.layers(m))} {m} layers" for m in ("frozen", "naavit", "composite") if plan.layers(m)]
-    changed += [f"visual tokens kept from layer {layer}: {keep:g}" for layer, keep in plan.keep_stages()]
-    return ", ".join(changed) or "no layer changed"
-
-
 def _shortv_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
+    from analyses.choosing.methods import describe
     from analyses.measuring.flops import format_flops, plan_flops
 
     original = float(plan_flops(config, original_plan, tokens).flops.sum())
     planned = float(plan_flops(config, plan, tokens).flops.sum())
-    print(f"{args.model}, plan {args.plan or 'none'} ({_describe_modes(plan)}), ShortV convention (decoder prefill, "
+    print(f"{args.model}, plan {args.plan or 'none'} ({describe(plan)}), ShortV convention (decoder prefill, "
           f"attention + MLP), {tokens.text} text + {tokens.visual} visual tokens ({source}):")
     print(f"  original {format_flops(original)}, planned {format_flops(planned)} "
           f"({planned / original:.1%} of the original), FLOPs-ideal speedup {original / planned:.2f}x")
@@ -376,6 +370,7 @@ def _shortv_flops(args: argparse.Namespace, config, plan, original_plan, tokens,
 def _full_flops(args: argparse.Namespace, config, plan, original_plan, tokens, source: str) -> None:
     import pandas as pd
 
+    from analyses.choosing.methods import describe
     from analyses.measuring.flops import PARTS, flops_unit, full_flops
 
     try:
@@ -396,7 +391,7 @@ def _full_flops(args: argparse.Namespace, config, plan, original_plan, tokens, s
     ratio = table.loc["prefill total", "planned"] / table.loc["prefill total", "original"]
     table = table / scale
     table["planned / original"] = table.planned / table.original
-    print(f"{args.model}, plan {args.plan or 'none'} ({_describe_modes(plan)}), {tokens.visual} visual + "
+    print(f"{args.model}, plan {args.plan or 'none'} ({describe(plan)}), {tokens.visual} visual + "
           f"{tokens.text} text tokens ({source}), full count ({unit}; decode: one token):")
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"prefill total: {ratio:.1%} of the original (full convention)")

@@ -12,6 +12,7 @@ from transformers import (
     Qwen3VLMoeConfig,
 )
 
+from analyses.choosing.methods import describe
 from analyses.cli import main
 from analyses.measuring.flops import (
     COMPONENTS,
@@ -53,7 +54,8 @@ def test_llava_next_counts_2880_visual_tokens():
 def test_flops_command_works_offline(capsys):
     assert main(["flops", "--model", "llava-1.5-7b", "--plan", "shortv:llava-1.5-7b"]) == 0
     out = capsys.readouterr().out
-    assert "original 8.5 TFLOPs, planned 4.7 TFLOPs" in out and "19 frozen layers" in out
+    assert "original 8.5 TFLOPs, planned 4.7 TFLOPs" in out
+    assert f"({describe(EfficiencyPlan.preset('shortv:llava-1.5-7b'))})" in out
 
 
 def test_convention_refuses_other_modes_and_unknown_models():
