@@ -180,11 +180,50 @@ def _user_data(args: argparse.Namespace, needed: list[tuple[str, str]]):
     return data
 
 
+def _subsample(table, n: int | None, seed: int):
+    """``n`` rows of ``table`` drawn with ``seed`` (in row order), or all of them when it has no more."""
+    import numpy as np
+
+    if n is None or n >= len(table):
+        return table
+    return table.select(sorted(np.random.default_rng(seed).permutation(len(table))[:n]))
+
+
+STANDARD_COLUMNS = {"--image-column": "image", "--question-column": "question", "--answer-column": "answer"}
+"""Each column flag -> the column name the toolkit reads by default."""
+
+
+def _column_flags(args: argparse.Namespace) -> dict[str, str]:
+    """Each column flag -> the column of ``--data`` it names."""
+    return {"--image-column": args.image_column, "--question-column": args.question_column,
+            "--answer-column": args.answer_column}
+
+
+def _selection_data(args: argparse.Namespace):
+    """The questions a choice is measured on (``plan``, ``compare``): ``--samples`` of shapes-vqa's ``--split``
+    (seed ``--seed``), or with ``--data`` that many rows of your own data set (all of them when it has fewer),
+    its columns renamed to image/question/answer and its path recorded as the data set's name."""
+    from eemllm_models import load_shapes_vqa
+
+    if args.data is None:
+        return load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    flags = _column_flags(args)
+    table = _subsample(_user_data(args, list(flags.items())), args.samples, args.seed)
+    renamed = {column: STANDARD_COLUMNS[flag] for flag, column in flags.items() if column != STANDARD_COLUMNS[flag]}
+    table = table.remove_columns([c for c in renamed.values() if c in table.column_names]).rename_columns(renamed)
+    table.info.dataset_name = str(args.data.resolve())
+    return table
+
+
 def _plan(args: argparse.Namespace) -> int:
     import probes
 
     from analyses.choosing import policies
+    from analyses.choosing.methods import describe
 
+    if args.data is not None and args.k is not None:
+        raise ValueError(f"--data is the data set a choice is measured on, and --policy {args.policy} --k {args.k} "
+                         "measures none: drop --data, or choose with --tolerance (shortv) or --policy greedy/budget")
     if args.target is not None and args.policy not in ("budget", "greedy"):
         raise ValueError(f"--target is a FLOPs share for --policy budget or greedy; --policy {args.policy} freezes "
                          "--k layers (or the most --tolerance allows): drop --target")
@@ -218,8 +257,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown policy {args.policy!r}; choose from {[*policies.POLICIES, 'budget', 'greedy']}")
     plan, flops_line = _plan_flops_provenance(args, plan, loaded, counted)
     path = plan.save(args.out)
-    changed = {m: list(plan.layers(m)) for m in ("frozen", "naavit", "composite") if plan.layers(m)}
-    print(f"{args.policy}: {changed or 'no layer changed'}; wrote {path}")
+    print(f"{args.policy}: {describe(plan)}; wrote {path}")
     print(flops_line)
     print(_accuracy_line(plan))
     if plan.provenance.get("reached_target") is False:
@@ -237,13 +275,11 @@ def _note_selection_split(args: argparse.Namespace) -> None:
 
 
 def _selection_tokens(args: argparse.Namespace, loaded):
-    """The mean prompt of the ``--samples`` ``--split`` questions choices are made on, and its source."""
-    from eemllm_models import load_shapes_vqa
-
+    """The mean prompt of the questions choices are made on (:func:`_selection_data`), and its source."""
     from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
     model, processor = loaded
-    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    data = _selection_data(args)
     return dataset_token_counts(model, processor, data), describe_rows(data)
 
 
@@ -295,34 +331,34 @@ def _missing(what: str):
 
 
 def _held_out_accuracy(args: argparse.Namespace, loaded=None):
-    """``plan -> accuracy`` on ``--samples`` shapes-vqa questions of the selection ``--split`` (default
-    validation: held out from the probe's train prompts and from the test split that scores the plan)."""
-    from eemllm_models import load_shapes_vqa
-
+    """``plan -> accuracy`` on the selection questions (:func:`_selection_data`; for shapes-vqa the
+    validation split by default: held out from the probe's train prompts and from the test split that
+    scores the plan)."""
     from analyses.choosing.compare import accuracy_on
 
     model, processor = loaded or _load(args)
-    return accuracy_on(model, processor, load_shapes_vqa(args.split, n=args.samples, seed=args.seed))
+    return accuracy_on(model, processor, _selection_data(args))
 
 
 def _compare(args: argparse.Namespace) -> int:
     import probes
-    from eemllm_models import load_shapes_vqa
     from eemllm_models.files import atomic_write
 
     from analyses.choosing.compare import compare_policies
+    from analyses.choosing.heldout import describe
     from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
     _note_selection_split(args)
     lc = probes.open_result(args.lc, probe="layer_contribution")
     model, processor = _load(args)
-    data = load_shapes_vqa(args.split, n=args.samples, seed=args.seed)
+    data = _selection_data(args)
     tokens = dataset_token_counts(model, processor, data)
     frame = compare_policies(model, processor, data, lc, args.ks, tokens, args.policies, args.seeds, args.batch_size)
     path = atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False))
     table = frame.groupby(["k", "policy"], sort=False).agg(flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean"))
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"accuracy on shapes-vqa {args.split} (n={len(data)}); FLOPs: shortv convention for the "
+    where = describe(data)
+    print(f"accuracy on {where['dataset']} {where['split']} (n={len(data)}); FLOPs: shortv convention for the "
           f"{describe_rows(data)}, {tokens.text} text + {tokens.visual} visual tokens")
     print(f"wrote {path}")
     return 0
@@ -478,9 +514,6 @@ def _plan_for(model, plan: str | None):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-
-    import numpy as np
-
     from eemllm_models import EfficiencyPlan
     from eemllm_models.apply import applied_plan
     from eemllm_models.files import atomic_write, atomic_write_json
@@ -497,11 +530,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     columns = dict(image_column=args.image_column, question_column=args.question_column,
                    answer_column=args.answer_column)
     if benchmark is None:
-        table = _user_data(args, [("--image-column", args.image_column), ("--question-column", args.question_column),
-                                  ("--answer-column", args.answer_column)])
-        if args.samples is not None and args.samples < len(table):
-            table = table.select(sorted(np.random.default_rng(args.seed).permutation(len(table))[:args.samples]))
-        data = RowRanges.of(table)
+        table = _user_data(args, list(_column_flags(args).items()))
+        data = RowRanges.of(_subsample(table, args.samples, args.seed))
     else:
         if (args.image_column, args.question_column, args.answer_column) != ("image", "question", "answer"):
             raise ValueError(f"--benchmark {benchmark} has its own columns; --image-column, --question-column and "
@@ -511,11 +541,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, processor = _load(args)
     carried = applied_plan(model)
     plan = carried.plan if carried and args.plan is None else _plan_for(model, args.plan)
+    from analyses.choosing.heldout import check_plan_held_out, split_name
+
     if benchmark is not None:
-        from analyses.choosing.heldout import check_plan_held_out
         from analyses.evaluating.benchmarks import BENCHMARKS
 
         check_plan_held_out(plan, benchmark, args.split or BENCHMARKS[benchmark].split, args.allow_overlap,
+                            "pass --allow-overlap")
+    else:
+        check_plan_held_out(plan, str(args.data.resolve()), split_name(table), args.allow_overlap,
                             "pass --allow-overlap")
     frame = answer_frame(model, processor, data, plan=None if carried else plan, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, **columns)
@@ -654,6 +688,15 @@ def _data_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                                                                   f"answer; {what})")
 
 
+def _selection_data_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` and its column flags for a command that chooses on held-out questions."""
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"your own held-out questions instead of shapes-vqa's (--samples of them, all if fewer) "
+                             f"on which {what} are measured: a datasets save_to_disk folder (--split names one of "
+                             "several), a parquet or a jsonl file; score the plan on other rows")
+    _data_arguments(parser, "the reference answers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``eemllm`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="eemllm", description=__doc__)
@@ -724,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="shapes-vqa split the choice is measured on (default validation: held out from the "
                            "probes' train prompts and from the test split on which `eemllm evaluate` scores the plan)")
     _int_option(plan, "--seed", 0, default=0, help="seed of the random policy and the held-out questions")
+    _selection_data_arguments(plan, "--tolerance or --policy greedy")
     plan.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
     plan.set_defaults(run=_plan)
 
@@ -739,6 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="shapes-vqa split to compare on (default validation: comparing chooses a policy and k, "
                               "so it runs on questions the test split, which scores the final plan, does not hold)")
     _int_option(compare, "--seed", 0, default=0, help="seed of the held-out questions")
+    _selection_data_arguments(compare, "the policies")
     _int_option(compare, "--batch-size", 1, default=16)
     compare.add_argument("--out", type=Path, required=True, help="CSV file to write")
     compare.set_defaults(run=_compare)

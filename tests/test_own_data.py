@@ -119,3 +119,46 @@ def test_missing_columns_and_too_many_samples_name_the_flag(source, tmp_path, ca
     assert main(["evaluate", "--benchmark", "shapes-vqa", "--data", path, "--out", str(tmp_path / "e")]) == 2
     assert "drop --data, or drop --benchmark" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+
+
+def _lc_file(model, processor, source, folder) -> str:
+    lc = probes.layer_contribution(model, processor, source, samples=3, batch_size=2, progress=False)
+    return str(probes.save_result(lc, folder / "lc.nc"))
+
+
+def test_compare_measures_the_policies_on_your_own_data_like_the_python_api(source, tmp_path, default_model, capsys):
+    from analyses.choosing.compare import compare_policies
+    from analyses.measuring.tokens import dataset_token_counts
+
+    model, processor = default_model
+    lc_path = _lc_file(model, processor, source, tmp_path)
+    out = tmp_path / "compare.csv"
+    assert main(["compare", "--lc", lc_path, "--data", write("jsonl", source, tmp_path), *COLUMN_FLAGS,
+                 "--ks", "2", "--policies", "shortv", "random", "--seeds", "0", "--out", str(out)]) == 0
+    assert "accuracy on " + str((tmp_path / "data.jsonl").resolve()) in capsys.readouterr().out
+    expected = compare_policies(model, processor, source, probes.open_result(lc_path), [2],
+                                dataset_token_counts(model, processor, source), ["shortv", "random"], [0],
+                                progress=False)
+    got = pd.read_csv(out, keep_default_na=False, dtype={"outcomes": str})
+    assert list(got.outcomes) == list(expected.outcomes) and list(got.n) == [len(source)] * len(got)
+    np.testing.assert_allclose(got.flops_ratio, expected.flops_ratio)
+
+
+def test_a_plan_chosen_on_your_own_data_records_it_and_is_not_scored_on_it(source, tmp_path, default_model, capsys):
+    from eemllm_models import EfficiencyPlan
+
+    model, processor = default_model
+    lc_path = _lc_file(model, processor, source, tmp_path)
+    data = write("parquet", source, tmp_path)
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--lc", lc_path, "--tolerance", "0.5", "--data", data, *COLUMN_FLAGS,
+                 "--out", str(plan_path)]) == 0
+    selection = EfficiencyPlan.load(plan_path).provenance["selection"]
+    assert selection["dataset"] == str((tmp_path / "data.parquet").resolve()) and selection["n"] == len(source)
+    capsys.readouterr()
+    evaluated = ["evaluate", "--data", data, *COLUMN_FLAGS, "--plan", str(plan_path), "--out", str(tmp_path / "e")]
+    assert main(evaluated) == 2
+    assert "the plan was chosen on 4 questions of" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert main([*evaluated, "--allow-overlap"]) == 0
+    assert main(["plan", "--lc", lc_path, "--k", "2", "--data", data, "--out", str(tmp_path / "k.json")]) == 2
+    assert "--policy shortv --k 2 measures none: drop --data" in capsys.readouterr().err
