@@ -56,6 +56,8 @@ def write_card(table: pd.DataFrame, model: PreTrainedModel) -> str:
         + (f" --init-from STAGE{k - 1} --first-scene {st['first_scene']}" if k > 1 else "")
         + (" --extra-turns " + ",".join(f"{q}={n}" for q, n in st["extra_turns"].items())
            if st.get("extra_turns") else "")
+        + (f" --extra-turns-from {st['extra_turns_from']}" if st.get("extra_turns") and st.get("extra_turns_from")
+           else "")
         + f"` | {st.get('code') or 'unrecorded'} | {st['minutes']:.0f} | {st['machine']}, torch {st['torch']} |"
         for k, st in enumerate(stages, start=1))
     minutes = sum(st["minutes"] for st in stages)

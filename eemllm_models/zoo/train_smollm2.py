@@ -208,19 +208,21 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
           bf16: bool = True, init_from: Path | None = None, first_scene: int = 0,
-          extra_turns: dict[str, int] | None = None) -> dict:
+          extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0) -> dict:
     """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
 
     From the assembled model, or continuing from the weights a previous stage wrote into ``init_from``;
     step ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a later stage that starts
     where an earlier one stopped sees only new scenes. ``extra_turns`` (e.g. ``{"mc": 3}``) asks each scene
-    that many more questions of those types (:class:`ChatEncoder`)."""
+    that many more questions of those types (:class:`ChatEncoder`) from step ``extra_turns_from`` on (the
+    steps before it ask each scene's seven questions only: cheaper, while the visual tokens become legible)."""
     code = _code_version()
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
     if init_from is not None:
         continue_from(model, load_file(Path(init_from) / smollm2_shapes.TRAINED_FILE))
     encoder = ChatEncoder(processor, model.config.image_seq_length, extra_turns)
+    plain = ChatEncoder(processor, model.config.image_seq_length)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     patch_cells = _patch_cells()
     tower = [*model.model.vision_tower.parameters()]
@@ -248,7 +250,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     for step in bar:
         first = first_scene + step * batch_size
         scenes = [shapes_vqa.make_scene(shapes_vqa.scene_rng("train", first + j)) for j in range(batch_size)]
-        batch = encoder.batch(scenes, data_rng)
+        batch = (encoder if step >= extra_turns_from else plain).batch(scenes, data_rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                                  attention_mask=batch["attention_mask"]).last_hidden_state
@@ -277,7 +279,8 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
             "seed": seed, "bf16_autocast": bf16, "minutes": (time.time() - start) / 60,
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
-            "first_scene": first_scene, "extra_turns": encoder.extra, "log": log}
+            "first_scene": first_scene, "extra_turns": encoder.extra,
+            "extra_turns_from": extra_turns_from, "log": log}
     if init_from is not None:
         info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
@@ -312,10 +315,13 @@ def main() -> None:
     parser.add_argument("--extra-turns", type=_extra_turns, default={}, metavar="QTYPE=N,...",
                         help=f"more questions per scene of these types (of {', '.join(shapes_vqa.REDRAWN_QTYPES)}), "
                              "e.g. mc=3,relation=2")
+    parser.add_argument("--extra-turns-from", type=int, default=0, metavar="STEP",
+                        help="the step from which --extra-turns are asked (default 0: from the first)")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
           eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
-          first_scene=args.first_scene, extra_turns=args.extra_turns)
+          first_scene=args.first_scene, extra_turns=args.extra_turns,
+          extra_turns_from=args.extra_turns_from)
 
 
 if __name__ == "__main__":
