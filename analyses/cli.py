@@ -228,7 +228,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--target is a FLOPs share for --policy budget or greedy; --policy {args.policy} freezes "
                          "--k layers (or the most --tolerance allows): drop --target")
     _note_selection_split(args)
-    loaded = counted = None
+    loaded = counted = selection = None
     if args.policy in policies.POLICIES:
         if (args.k is None) == (args.tolerance is None):
             raise ValueError(f"--policy {args.policy} needs either --k (layers to freeze) or --tolerance "
@@ -239,23 +239,23 @@ def _plan(args: argparse.Namespace) -> int:
         elif args.policy != "shortv":
             raise ValueError("--tolerance chooses k for the shortv policy only; give --k for cosine and random")
         else:
-            loaded = _load(args)
-            plan = policies.shortv_within_tolerance(lc, _held_out_accuracy(args, loaded), args.tolerance)
+            loaded, selection = _load(args), _selection_data(args)
+            plan = policies.shortv_within_tolerance(lc, _held_out_accuracy(loaded, selection), args.tolerance)
     elif args.policy in ("budget", "greedy"):
         modes = probes.open_result(args.modes or _missing("--modes (mode_contribution.nc from `eemllm probe`)"),
                                    probe="mode_contribution")
-        loaded = _load(args)
+        loaded, selection = _load(args), _selection_data(args)
         model, _ = loaded
-        counted = _selection_tokens(args, loaded)
+        counted = _selection_tokens(loaded, selection)
         tokens = counted[0]
         if args.policy == "budget":
             plan = policies.budget_plan(modes, model.config, tokens, 0.5 if args.target is None else args.target)
         else:
-            plan = policies.greedy_plan(modes, model.config, tokens, _held_out_accuracy(args, loaded),
+            plan = policies.greedy_plan(modes, model.config, tokens, _held_out_accuracy(loaded, selection),
                                         0.01 if args.tolerance is None else args.tolerance, target=args.target)
     else:
         raise ValueError(f"unknown policy {args.policy!r}; choose from {[*policies.POLICIES, 'budget', 'greedy']}")
-    plan, flops_line = _plan_flops_provenance(args, plan, loaded, counted)
+    plan, flops_line = _plan_flops_provenance(args, plan, loaded, selection, counted)
     path = plan.save(args.out)
     print(f"{args.policy}: {describe(plan)}; wrote {path}")
     print(flops_line)
@@ -274,26 +274,25 @@ def _note_selection_split(args: argparse.Namespace) -> None:
               "the questions it is scored on overstates its accuracy (use --split validation)", file=sys.stderr)
 
 
-def _selection_tokens(args: argparse.Namespace, loaded):
-    """The mean prompt of the questions choices are made on (:func:`_selection_data`), and its source."""
+def _selection_tokens(loaded, data):
+    """The mean prompt of the questions ``data`` choices are made on (:func:`_selection_data`), and its source."""
     from analyses.measuring.tokens import dataset_token_counts, describe_rows
 
     model, processor = loaded
-    data = _selection_data(args)
     return dataset_token_counts(model, processor, data), describe_rows(data)
 
 
-def _plan_flops_provenance(args: argparse.Namespace, plan, loaded, counted=None):
+def _plan_flops_provenance(args: argparse.Namespace, plan, loaded, selection=None, counted=None):
     """``plan`` with its FLOPs recorded (ratio, convention, prompt) and the line ``eemllm plan`` prints:
-    counted for the selection questions' mean prompt when a model was loaded (``counted``, if already
-    known), else for the prompt ``analyses.measuring.tokens.resolve_token_counts`` gives ``--model``."""
+    counted for the mean prompt of the ``selection`` questions when a model was loaded (``counted``, if
+    already known), else for the prompt ``analyses.measuring.tokens.resolve_token_counts`` gives ``--model``."""
     from analyses.measuring.flops import flops_figures, flops_provenance, load_config
     from analyses.measuring.tokens import resolve_token_counts
 
     try:
         if loaded is not None:
             config = loaded[0].config
-            tokens, source = counted or _selection_tokens(args, loaded)
+            tokens, source = counted or _selection_tokens(loaded, selection)
         else:
             config = load_config(args.model)
             tokens, source = resolve_token_counts(args.model, plan, config)
@@ -330,14 +329,14 @@ def _missing(what: str):
     raise ValueError(f"this policy needs {what}")
 
 
-def _held_out_accuracy(args: argparse.Namespace, loaded=None):
-    """``plan -> accuracy`` on the selection questions (:func:`_selection_data`; for shapes-vqa the
+def _held_out_accuracy(loaded, data):
+    """``plan -> accuracy`` on the selection questions ``data`` (:func:`_selection_data`; for shapes-vqa the
     validation split by default: held out from the probe's train prompts and from the test split that
     scores the plan)."""
     from analyses.choosing.compare import accuracy_on
 
-    model, processor = loaded or _load(args)
-    return accuracy_on(model, processor, _selection_data(args))
+    model, processor = loaded
+    return accuracy_on(model, processor, data)
 
 
 def _compare(args: argparse.Namespace) -> int:
