@@ -343,9 +343,10 @@ def _compare(args: argparse.Namespace) -> int:
     import probes
     from eemllm_models.files import atomic_write
 
-    from analyses.choosing.compare import compare_policies
+    from analyses.choosing.compare import compare_policies, policy_table
     from analyses.choosing.heldout import describe
     from analyses.measuring.tokens import dataset_token_counts, describe_rows
+    from analyses.reporting.claims import check_claims
 
     _note_selection_split(args)
     lc = probes.open_result(args.lc, probe="layer_contribution")
@@ -354,11 +355,17 @@ def _compare(args: argparse.Namespace) -> int:
     tokens = dataset_token_counts(model, processor, data)
     frame = compare_policies(model, processor, data, lc, args.ks, tokens, args.policies, args.seeds, args.batch_size)
     path = atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False))
-    table = frame.groupby(["k", "policy"], sort=False).agg(flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean"))
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    table = policy_table(frame)
+    table["interval"] = [f"[{low:.1%}, {high:.1%}]" for low, high in zip(table.low, table.high)]
+    print(table[["k", "policy", "seeds", "flops_ratio", "accuracy", "interval"]].to_string(
+        index=False, formatters={"flops_ratio": "{:.3f}".format, "accuracy": "{:.1%}".format}))
     where = describe(data)
-    print(f"accuracy on {where['dataset']} {where['split']} (n={len(data)}); FLOPs: shortv convention for the "
-          f"{describe_rows(data)}, {tokens.text} text + {tokens.visual} visual tokens")
+    methods = " or ".join(sorted(set(table.method)))
+    print(f"accuracy on {where['dataset']} {where['split']} (n={len(data)}); random: the mean over seeds; 95% "
+          f"intervals: {methods}; FLOPs: shortv convention for the {describe_rows(data)}, {tokens.text} text + "
+          f"{tokens.visual} visual tokens")
+    for claim in check_claims(frame).values():
+        print(f"{claim['claim']}: {claim['verdict']}\n  {claim['statement']}")
     print(f"wrote {path}")
     return 0
 
@@ -526,13 +533,13 @@ def _evaluate(args: argparse.Namespace) -> int:
                          "evaluate your own data set at --data")
     if args.plan is not None:
         EfficiencyPlan.resolve(args.plan)  # a bad --plan fails before the data and the model load
-    columns = dict(image_column=args.image_column, question_column=args.question_column,
-                   answer_column=args.answer_column)
+    flags = _column_flags(args)
+    columns = {f"{STANDARD_COLUMNS[flag]}_column": column for flag, column in flags.items()}
     if benchmark is None:
-        table = _user_data(args, list(_column_flags(args).items()))
+        table = _user_data(args, list(flags.items()))
         data = RowRanges.of(_subsample(table, args.samples, args.seed))
     else:
-        if (args.image_column, args.question_column, args.answer_column) != ("image", "question", "answer"):
+        if any(column != STANDARD_COLUMNS[flag] for flag, column in flags.items()):
             raise ValueError(f"--benchmark {benchmark} has its own columns; --image-column, --question-column and "
                              "--answer-column are for your own data set (--data without --benchmark)")
         samples = 140 if args.samples is None and benchmark == "shapes-vqa" else args.samples

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -162,7 +163,11 @@ def test_compare_command_writes_the_policy_table(probe_dir, tmp_path, capsys):
                  "--out", str(out)]) == 0
     frame = pd.read_csv(out)
     assert sorted(frame.policy) == ["cosine", "original", "random", "shortv", "text"]
-    assert "shortv" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shortv" in printed and "interval" in printed and "95% intervals: Wilson score" in printed
+    verdicts = "(holds|partly holds|not resolved at this n|does not hold|not measured)"
+    assert re.search(f"at equal FLOPs: {verdicts}\n", printed)
+    assert re.search(f"costs far more accuracy than freezing visual tokens: {verdicts}\n", printed)
 
 
 def test_commands_load_a_pruned_model_with_its_plan(tmp_path, capsys):

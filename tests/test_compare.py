@@ -1,10 +1,13 @@
+import pandas as pd
 import pytest
 import torch
 
-from analyses.choosing.compare import compare_policies, text_frozen, text_frozen_flops_ratio
+from analyses.choosing.compare import (POLICY_TABLE_COLUMNS, compare_policies, policy_table, text_frozen,
+                                       text_frozen_flops_ratio)
 from analyses.measuring.flops import TokenCounts, flops_ratio
 from eemllm_models import EfficiencyPlan, load_shapes_vqa, token_layout
 from eemllm_models.families import family_of
+from probes.uncertainty import wilson_interval
 from tiny_models import FAMILIES
 
 
@@ -96,3 +99,29 @@ def _tiny_lc(model):
     return xr.Dataset({"lc": (dims, np.ones((1, n, 2))), "cosine": (dims, np.zeros((1, n, 2)))},
                       coords={"sample": ["a"], "layer": range(n), "group": ["visual", "text"]},
                       attrs={"probe": "layer_contribution"})
+
+
+def _outcome_rows(outcomes: dict[tuple[str, int, int], str]) -> pd.DataFrame:
+    return pd.DataFrame([{"policy": p, "k": k, "seed": s, "flops_ratio": 1 - 0.1 * k, "outcomes": o,
+                          "accuracy": o.count("+") / len(o)} for (p, k, s), o in outcomes.items()])
+
+
+def test_policy_table_gives_each_policy_its_n_and_an_interval_that_holds_its_accuracy():
+    frame = _outcome_rows({("original", 0, 0): "++++++++-+", ("shortv", 2, 0): "+++++++--+",
+                           ("random", 2, 0): "+-+-++--+-", ("random", 2, 1): "+--+++-++-"})
+    table = policy_table(frame)
+    assert list(table.columns) == list(POLICY_TABLE_COLUMNS)
+    assert list(zip(table.k, table.policy, table.seeds)) == [(0, "original", 1), (2, "shortv", 1), (2, "random", 2)]
+    assert table.n.tolist() == [10, 10, 10]
+    assert table.accuracy.tolist() == pytest.approx([0.9, 0.8, 0.55])
+    shortv = table.iloc[1]
+    assert (shortv.low, shortv.high) == pytest.approx(wilson_interval(8, 10))
+    assert shortv.method == "Wilson score"
+    random = table.iloc[2]  # seeds disagree on questions: the mean over seeds is graded, so a bootstrap
+    assert random.method.startswith("percentile bootstrap") and random.low < 0.55 < random.high
+    assert table.flops_ratio.tolist() == pytest.approx([1.0, 0.8, 0.8])
+
+
+def test_policy_table_refuses_a_comparison_without_outcomes():
+    with pytest.raises(ValueError, match="no per-question 'outcomes' column; measure it with compare_policies"):
+        policy_table(pd.DataFrame({"policy": ["shortv"], "k": [1], "accuracy": [0.5], "flops_ratio": [0.9]}))

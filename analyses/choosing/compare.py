@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
@@ -25,7 +26,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from eemllm_models import EfficiencyPlan, token_layout
 from eemllm_models.families import family_of
+from probes.uncertainty import LEVEL
 
+from analyses.evaluating.accuracy import accuracy_table
 from analyses.evaluating.evaluate import answer_frame
 from analyses.measuring.flops import DecoderShape, TokenCounts, flops_ratio, layer_flops
 from analyses.choosing.heldout import check_disjoint, describe
@@ -166,3 +169,36 @@ def compare_policies(model: PreTrainedModel, processor: ProcessorMixin, data: da
         rows.append({"policy": policy, "k": k, "seed": seed, "layers": layers, "flops_ratio": ratio, **score,
                      **where})
     return pd.DataFrame(rows)
+
+
+def parse_outcomes(text: str) -> np.ndarray:
+    """A comparison row's ``outcomes`` string (``"++-+..."``: one ``+`` right / ``-`` wrong per question, as
+    :func:`compare_policies` writes it; ``1``/``0`` are read too) as 0/1 ``[question]``."""
+    text = str(text).strip()
+    if not text or set(text) - {"+", "-", "0", "1"}:
+        raise ValueError(f"outcomes must be a string of + and -, one per question; got {text[:20]!r}")
+    return np.array([c in "+1" for c in text], dtype=np.float64)
+
+
+POLICY_TABLE_COLUMNS = ("k", "policy", "seeds", "flops_ratio", "n", "accuracy", "low", "high", "method")
+
+
+def policy_table(comparison: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """One row per ``(k, policy)`` of a :func:`compare_policies` frame, in its order, with an interval.
+
+    ``accuracy`` is the mean over the policy's seeds (one seed but for ``random``) on the ``n``
+    questions; ``low``/``high`` its interval at ``level``: Wilson for one seed, the percentile bootstrap
+    over questions of the per-question mean over seeds otherwise (``method`` says which). Returns
+    :data:`POLICY_TABLE_COLUMNS`.
+    """
+    if "outcomes" not in comparison.columns:
+        raise ValueError("the comparison has no per-question 'outcomes' column; measure it with compare_policies "
+                         "(eemllm compare) to get intervals")
+    rows = []
+    for (k, policy), group in comparison.groupby(["k", "policy"], sort=False):
+        score = np.mean([parse_outcomes(t) for t in group.outcomes], axis=0)
+        overall = accuracy_table(pd.DataFrame({"score": score}), level=level).iloc[-1]
+        rows.append({"k": int(k), "policy": policy, "seeds": len(group), "flops_ratio": float(group.flops_ratio.mean()),
+                     "n": int(overall.n), "accuracy": float(overall.accuracy), "low": float(overall.low),
+                     "high": float(overall.high), "method": overall.method})
+    return pd.DataFrame(rows, columns=list(POLICY_TABLE_COLUMNS))

@@ -27,6 +27,8 @@ import pandas as pd
 
 from probes.uncertainty import LEVEL, RESAMPLES, SEED, bootstrap_interval, newcombe_interval, paired_difference
 
+from analyses.choosing.compare import parse_outcomes
+
 ORDER_CLAIM = "LC-chosen layers ≥ cosine-chosen ≥ random layers in accuracy at equal FLOPs"
 TEXT_CLAIM = "freezing text tokens in the same layers costs far more accuracy than freezing visual tokens"
 FAR_MORE_FACTOR = 2.0
@@ -52,15 +54,6 @@ def _signed(value: float) -> str:
 def _policy_accuracy(comparison: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy (over seeds) and FLOPs ratio per ``[k, policy]``."""
     return comparison.groupby(["k", "policy"]).agg(accuracy=("accuracy", "mean"), flops_ratio=("flops_ratio", "mean"))
-
-
-def parse_outcomes(text: str) -> np.ndarray:
-    """A comparison row's ``outcomes`` string (``"++-+..."``: one ``+`` right / ``-`` wrong per question, as
-    ``compare_policies`` writes it; ``1``/``0`` are read too) as 0/1 ``[question]``."""
-    text = str(text).strip()
-    if not text or set(text) - {"+", "-", "0", "1"}:
-        raise ValueError(f"outcomes must be a string of + and -, one per question; got {text[:20]!r}")
-    return np.array([c in "+1" for c in text], dtype=np.float64)
 
 
 def _evidence(comparison: pd.DataFrame) -> str:
