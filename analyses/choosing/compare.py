@@ -180,6 +180,12 @@ def parse_outcomes(text: str) -> np.ndarray:
     return np.array([c in "+1" for c in text], dtype=np.float64)
 
 
+def mean_outcomes(rows: pd.DataFrame) -> np.ndarray:
+    """Per-question outcome ``[question]`` of comparison ``rows`` (one plan, or a random policy's seeds), averaged
+    over the rows."""
+    return np.mean([parse_outcomes(t) for t in rows.outcomes], axis=0)
+
+
 POLICY_TABLE_COLUMNS = ("k", "policy", "seeds", "flops_ratio", "n", "accuracy", "low", "high", "method")
 
 
@@ -196,8 +202,7 @@ def policy_table(comparison: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame
                          "(eemllm compare) to get intervals")
     rows = []
     for (k, policy), group in comparison.groupby(["k", "policy"], sort=False):
-        score = np.mean([parse_outcomes(t) for t in group.outcomes], axis=0)
-        overall = accuracy_table(pd.DataFrame({"score": score}), level=level).iloc[-1]
+        overall = accuracy_table(pd.DataFrame({"score": mean_outcomes(group)}), level=level).iloc[-1]
         rows.append({"k": int(k), "policy": policy, "seeds": len(group), "flops_ratio": float(group.flops_ratio.mean()),
                      "n": int(overall.n), "accuracy": float(overall.accuracy), "low": float(overall.low),
                      "high": float(overall.high), "method": overall.method})

@@ -27,7 +27,7 @@ import pandas as pd
 
 from probes.uncertainty import LEVEL, RESAMPLES, SEED, bootstrap_interval, newcombe_interval, paired_difference
 
-from analyses.choosing.compare import parse_outcomes
+from analyses.choosing.compare import mean_outcomes
 
 ORDER_CLAIM = "LC-chosen layers ≥ cosine-chosen ≥ random layers in accuracy at equal FLOPs"
 TEXT_CLAIM = "freezing text tokens in the same layers costs far more accuracy than freezing visual tokens"
@@ -78,7 +78,7 @@ class _Sides:
 
     def vector(self, policy: str, k: int | None = None) -> np.ndarray:
         """Per-question outcome ``[question]``, averaged over the rows (seeds) of ``policy`` at ``k``."""
-        return np.mean([parse_outcomes(t) for t in self.rows(policy, k).outcomes], axis=0)
+        return mean_outcomes(self.rows(policy, k))
 
     def pooled(self, policy: str, ks: Sequence[int] | None = None) -> tuple[int, int]:
         """``(correct, n)`` summed over the rows of ``policy`` (at ``ks``, every row when None)."""
