@@ -44,8 +44,9 @@ def _demo(args: argparse.Namespace) -> int:
     table = result.comparison.groupby(["k", "policy"], sort=False).agg(
         flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean")).unstack("policy")["accuracy"]
     compared = result.comparison.iloc[0]
+    seeds = result.comparison.seed[result.comparison.policy == "random"].nunique()
     print(f"accuracy by number of frozen layers on {compared.n} {compared.split} questions "
-          "(random: mean of 3 seeds; text: text tokens frozen instead):")
+          f"(random: mean of {seeds} seed{'s' if seeds > 1 else ''}; text: text tokens frozen instead):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     claims = json.loads((result.report.parent / "summary.json").read_text())["claims"]
     for claim in claims.values():
@@ -722,10 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     _int_option(demo, "--seed", 0, default=0, help="seed of the test split (default 0)")
     _int_option(demo, "--probe-samples", 1, default=None,
                       help="train-split prompts for the probes (default 96 for zoo:default: fewer change the chosen "
-                           "layers, see BENCHMARKS.md; 24 for zoo:smollm2-shapes, whose probes cost about 60 times "
+                           "layers, see BENCHMARKS.md; 8 for zoo:smollm2-shapes, whose probes cost about 60 times "
                            "as much per sample)")
     _int_option(demo, "--compare-samples", 1, default=None,
-                      help="validation questions on which the policies are compared (default 42 for zoo:default, 28 "
+                      help="validation questions on which the policies are compared (default 42 for zoo:default, 14 "
                            "for zoo:smollm2-shapes; the demo scores on test)")
     demo.add_argument("--overwrite", action="store_true", help="replace a pruned model and report left in --out")
     demo.set_defaults(run=_demo)

@@ -72,18 +72,25 @@ class DemoResult:
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """How many prompts the demo probes on (train) and compares the policies on (validation)."""
+    """How many prompts the demo probes on (train) and compares the policies on (validation), the random
+    policy's seeds, and the latency run's test prompts (one batch) and timed repeats (after one warm-up)."""
 
     probe_samples: int
     compare_samples: int
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    latency_prompts: int = 8
+    latency_repeats: int = 5
 
 
 DEMO_SIZES = {"default": DemoSizes(probe_samples=96, compare_samples=42),
-              "smollm2-shapes": DemoSizes(probe_samples=24, compare_samples=28)}
-"""Each zoo model's demo sizes. The default's 96 probe samples give a stable choice (BENCHMARKS.md);
+              "smollm2-shapes": DemoSizes(probe_samples=8, compare_samples=14, random_seeds=(0,),
+                                          latency_prompts=4, latency_repeats=3)}
+"""Each zoo model's demo sizes. The default's 96 probe samples give a stable choice (BENCHMARKS.md).
 smollm2-shapes has 24 times the decoder FLOPs per token and 2.5 times the layers for the LC sweep to
-ablate, so its demo probes fewer samples to finish in minutes on two CPU cores, and its report shows what
-that costs in selection stability."""
+ablate, so its demo probes, compares and times a few prompts to finish in about five minutes on two CPU
+cores: its report's intervals are wide and its verdicts mostly "not resolved at this n", and it shows what
+the small probe costs in selection stability. ``benchmarks/smollm2_shapes.sh`` measures the same claims at
+sizes that resolve them (BENCHMARKS.md)."""
 
 
 def demo_sets(n: int = 28, compare_samples: int = 42, seed: int = 0
@@ -116,9 +123,9 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
     ``compare_samples`` validation questions; both default to the model's :data:`DEMO_SIZES`),
     ``withdrawal.nc`` (the withdrawal contribution, same prompts) and ``methods.csv`` (layer-level and token-level
     methods at :data:`METHODS_TARGET` of the FLOPs, on the same test questions), ``latency.csv`` (the original,
-    the pruned model and every method, side by side), ``pruned-model/`` (reloads with
-    ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``). An existing pruned
-    model or report is replaced only with ``overwrite``.
+    the pruned model and every method, side by side, on the first test prompts: the model's :data:`DEMO_SIZES`),
+    ``pruned-model/`` (reloads with ``eemllm_models.load_pruned``) and ``report/`` (open ``report/index.html``).
+    An existing pruned model or report is replaced only with ``overwrite``.
     """
     name = zoo_name(model_name) or model_name
     sizes = DEMO_SIZES.get(name, DEMO_SIZES["default"])
@@ -149,10 +156,11 @@ def run_demo(out: Path, n: int = 28, seed: int = 0, batch_size: int = 14, probe_
         flops.update(prefill_gflops_original=flops["prefill_flops_original"] / 1e9,
                      prefill_gflops_pruned=flops["prefill_flops_pruned"] / 1e9)
     comparison = compare_policies(model, processor, selection, lc, compared_ks(lc.sizes["layer"]), tokens,
-                                  seeds=(0, 1, 2), batch_size=batch_size, evaluation=data)
+                                  seeds=sizes.random_seeds, batch_size=batch_size, evaluation=data)
     methods = method_plans(lc, modes, withdrawal, model.config, tokens, METHODS_TARGET)
-    latency = measure_latency(model, processor, data["image"][:8], data["question"][:8],
-                              {"original": None, "pruned": plan, **methods}, warmup=1, repeats=5)
+    prompts = sizes.latency_prompts
+    latency = measure_latency(model, processor, data["image"][:prompts], data["question"][:prompts],
+                              {"original": None, "pruned": plan, **methods}, warmup=1, repeats=sizes.latency_repeats)
     method_frame = method_table(model, processor, data, frame, methods, tokens, latency, METHODS_TARGET,
                                 batch_size=batch_size)
     summary = {
