@@ -19,6 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from eemllm_models.zoo import zoo_name
 
+    from analyses.choosing.compare import random_seeds_label
     from .demo import run_demo
 
     if zoo_name(args.model) is None:
@@ -44,9 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
     table = result.comparison.groupby(["k", "policy"], sort=False).agg(
         flops=("flops_ratio", "mean"), accuracy=("accuracy", "mean")).unstack("policy")["accuracy"]
     compared = result.comparison.iloc[0]
-    seeds = result.comparison.seed[result.comparison.policy == "random"].nunique()
     print(f"accuracy by number of frozen layers on {compared.n} {compared.split} questions "
-          f"(random: mean of {seeds} seed{'s' if seeds > 1 else ''}; text: text tokens frozen instead):")
+          f"({random_seeds_label(result.comparison)}; text: text tokens frozen instead):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     claims = json.loads((result.report.parent / "summary.json").read_text())["claims"]
     for claim in claims.values():

@@ -2,8 +2,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.choosing.compare import (POLICY_TABLE_COLUMNS, compare_policies, policy_table, text_frozen,
-                                       text_frozen_flops_ratio)
+from analyses.choosing.compare import (POLICY_TABLE_COLUMNS, compare_policies, policy_table, random_seeds_label,
+                                       text_frozen, text_frozen_flops_ratio)
 from analyses.measuring.flops import TokenCounts, flops_ratio
 from eemllm_models import EfficiencyPlan, load_shapes_vqa, token_layout
 from eemllm_models.families import family_of
@@ -125,3 +125,10 @@ def test_policy_table_gives_each_policy_its_n_and_an_interval_that_holds_its_acc
 def test_policy_table_refuses_a_comparison_without_outcomes():
     with pytest.raises(ValueError, match="no per-question 'outcomes' column; measure it with compare_policies"):
         policy_table(pd.DataFrame({"policy": ["shortv"], "k": [1], "accuracy": [0.5], "flops_ratio": [0.9]}))
+
+
+def test_random_seeds_label_names_one_seed_or_counts_several():
+    rows = pd.DataFrame({"policy": ["original", "shortv", "random", "random"], "seed": [0, 0, 4, 4]})
+    assert random_seeds_label(rows) == "random: seed 4"
+    assert random_seeds_label(rows.assign(seed=[0, 0, 1, 2])) == "random: mean of 2 seeds"
+    assert random_seeds_label(rows[rows.policy != "random"]) == "random: not compared"

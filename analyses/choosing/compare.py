@@ -186,6 +186,18 @@ def mean_outcomes(rows: pd.DataFrame) -> np.ndarray:
     return np.mean([parse_outcomes(t) for t in rows.outcomes], axis=0)
 
 
+def random_seeds_label(comparison: pd.DataFrame) -> str:
+    """How a :func:`compare_policies` frame's ``random`` accuracy was measured: ``"random: seed 0"`` for one
+    seed, ``"random: mean of 3 seeds"`` for several, ``"random: not compared"`` without random rows."""
+    random = comparison[comparison.policy == "random"]
+    if not len(random):
+        return "random: not compared"
+    if "seed" not in random.columns:
+        return "random: mean over seeds"
+    seeds = sorted(set(random.seed.tolist()))
+    return f"random: seed {seeds[0]}" if len(seeds) == 1 else f"random: mean of {len(seeds)} seeds"
+
+
 POLICY_TABLE_COLUMNS = ("k", "policy", "seeds", "flops_ratio", "n", "accuracy", "low", "high", "method")
 
 

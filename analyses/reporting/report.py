@@ -36,6 +36,7 @@ from eemllm_models.files import atomic_write, atomic_write_dir, atomic_write_tex
 
 from analyses.reporting import plots
 from analyses.reporting import page
+from analyses.choosing.compare import random_seeds_label
 from analyses.evaluating.accuracy import accuracy_table, has_paired_outcomes, paired_table
 from analyses.reporting.claims import (FAR_MORE_FACTOR, FAR_MORE_POINTS, ORDER_CLAIM, TEXT_CLAIM, _points,
                                        _policy_accuracy, check_claims)
@@ -625,8 +626,9 @@ def _comparison_section(inputs: ReportInputs, figures: dict[str, bytes]) -> list
                            + (f" The original model scores {original.mean():.1%}." if len(original) else "")
                            + measured),
             page.figure(figures["tradeoff.png"], "tradeoff.png",
-                        "Accuracy against decoder prefill FLOPs ratio (random: mean ± sd over seeds; chosen plan: its "
-                        "benchmark score at its FLOPs ratio)"),
+                        f"Accuracy against decoder prefill FLOPs ratio ({random_seeds_label(comparison)}, the "
+                        "band its sd over seeds where there are several; chosen plan: its benchmark score at its "
+                        "FLOPs ratio)"),
             page.paragraph("Accuracy per policy and k:"), page.table(wide, {"k": str}, _percent),
             page.paragraph("Decoder prefill FLOPs ratio per policy and k:"),
             page.table(flops, {"k": str}, "{:.3f}".format)]
