@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/smollm2_shapes.sh            # writes $OUT (default smollm2-out/); BENCHMARKS.md has the figures
 #
-# 1. the demo: LC and mode contributions over the 30 layers (with intervals), the ShortV plan
-#    (60% of the layers), the policies at equal FLOPs on validation, latency, the report;
+# 1. the demo: LC and mode contributions over the 30 layers (with intervals) on 24 train prompts (three
+#    times the demo's own 8: DEMO_ARGS sets the sizes), the ShortV plan (60% of the layers), the policies at
+#    equal FLOPs on 28 validation questions, latency, the report;
 # 2. the policies again on COMPARE_ROWS validation questions (280), enough to resolve their order;
 # 3. the largest k whose validation accuracy stays within 1 point (every k measured);
 # 4. a budget plan (layer modes mixed) at 50% of the decoder FLOPs, chosen from the mode contributions;
@@ -20,7 +21,7 @@ MODEL=zoo:smollm2-shapes
 TEST_ROWS="${TEST_ROWS:-280}"
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-time eemllm demo --model "$MODEL" --out "$OUT/demo" --overwrite ${DEMO_ARGS:-}
+time eemllm demo --model "$MODEL" --out "$OUT/demo" --overwrite ${DEMO_ARGS:---probe-samples 24 --compare-samples 28}
 eemllm compare --model "$MODEL" --lc "$OUT/demo/lc.nc" --ks 8 12 18 22 --samples "${COMPARE_ROWS:-280}" \
     --out "$OUT/comparison-${COMPARE_ROWS:-280}.csv"
 eemllm plan --model "$MODEL" --lc "$OUT/demo/lc.nc" --tolerance 0.01 --samples "${SELECT_ROWS:-70}" \
