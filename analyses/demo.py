@@ -87,8 +87,8 @@ DEMO_SIZES = {"default": DemoSizes(probe_samples=96, compare_samples=42),
                                           latency_prompts=4, latency_repeats=3)}
 """Each zoo model's demo sizes. The default's 96 probe samples give a stable choice (BENCHMARKS.md).
 smollm2-shapes has 24 times the decoder FLOPs per token and 2.5 times the layers for the LC sweep to
-ablate, so its demo probes, compares and times a few prompts to finish in about five minutes on two CPU
-cores: its report's intervals are wide and its verdicts mostly "not resolved at this n", and it shows what
+ablate, so its demo probes, compares and times a few prompts to finish in about three minutes on two CPU
+cores (an Intel Xeon; BENCHMARKS.md): its report's intervals are wide and its verdicts mostly "not resolved at this n", and it shows what
 the small probe costs in selection stability. ``benchmarks/smollm2_shapes.sh`` measures the same claims at
 sizes that resolve them (BENCHMARKS.md)."""
 
