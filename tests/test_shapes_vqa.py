@@ -130,3 +130,21 @@ def test_a_training_conversation_never_lets_multiple_choice_copy_an_earlier_turn
                 assert shapes_vqa.asks(q) not in seen
             seen.add(shapes_vqa.asks(q))
     assert firsts == set(shapes_vqa.QTYPES)
+
+
+def test_multiple_choice_from_the_scene_takes_its_wrong_options_from_the_other_shapes_first():
+    rng = np.random.default_rng(0)
+    redrawn = 0
+    for index in range(200):
+        scene = shapes_vqa.make_scene(shapes_vqa.scene_rng("train", index))
+        turns = shapes_vqa.conversation(scene, {"mc": 2}, rng, mc_from_scene=True)
+        assert [q for q in turns if q.qtype != "mc"] and {q for q in turns if q.qtype != "mc"} <= set(scene.questions)
+        redrawn += scene.questions[-1] not in turns
+        for q in (q for q in turns if q.qtype == "mc"):
+            cell, attribute = shapes_vqa.asks(q)
+            item = next(s for s in scene.shapes if s.cell == cell)
+            truth = getattr(item, attribute)
+            elsewhere = {getattr(s, attribute) for s in scene.shapes if s is not item} - {truth}
+            assert q.choices[shapes_vqa.MC_LETTERS.index(q.answer)] == truth and len(set(q.choices)) == 4
+            assert len(elsewhere & set(q.choices)) == min(3, len(elsewhere))
+    assert redrawn > 150  # the scene's own mc turn is drawn again, from the scene

@@ -58,6 +58,7 @@ def write_card(table: pd.DataFrame, model: PreTrainedModel) -> str:
            if st.get("extra_turns") else "")
         + (f" --extra-turns-from {st['extra_turns_from']}" if st.get("extra_turns") and st.get("extra_turns_from")
            else "")
+        + (" --mc-from-scene" if st.get("mc_from_scene") else "")
         + f"` | {st.get('code') or 'unrecorded'} | {st['minutes']:.0f} | {st['machine']}, torch {st['torch']} |"
         for k, st in enumerate(stages, start=1))
     minutes = sum(st["minutes"] for st in stages)

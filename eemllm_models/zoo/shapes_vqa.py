@@ -186,15 +186,23 @@ def _exists_question(shapes: tuple[Item, ...], rng: np.random.Generator) -> Ques
     return Question("exists", f"Is there a {color} {shape} in the image?", "no")
 
 
-def _mc_question(shapes: tuple[Item, ...], rng: np.random.Generator) -> Question:
+def _mc_question(shapes: tuple[Item, ...], rng: np.random.Generator, from_scene: bool = False) -> Question:
+    """A lettered colour or shape question about one shape; ``from_scene``: its wrong options are the
+    colours (or shapes) of the scene's other shapes first, the rest drawn as usual (training only)."""
     item = shapes[rng.integers(len(shapes))]
     position = POSITIONS[item.cell]
-    if rng.random() < 0.5:
+    attribute = "color" if rng.random() < 0.5 else "shape"
+    if attribute == "color":
         stem, truth, pool = f"What color is the shape at the {position}?", item.color, list(COLORS)
     else:
         stem, truth, pool = f"What shape is at the {position}?", item.shape, list(SHAPES)
     distractors = [p for p in pool if p != truth]
-    options = [truth, *(distractors[k] for k in rng.choice(len(distractors), size=3, replace=False))]
+    if from_scene:
+        elsewhere = {getattr(s, attribute) for s in shapes if s is not item}
+        drawn = sorted(rng.permutation(len(distractors)), key=lambda k: distractors[k] not in elsewhere)[:3]
+    else:
+        drawn = rng.choice(len(distractors), size=3, replace=False)
+    options = [truth, *(distractors[k] for k in drawn)]
     order = rng.permutation(4)
     choices = tuple(options[k] for k in order)
     lines = [stem, *(f"{MC_LETTERS[k]}. {c}" for k, c in enumerate(choices)), MC_INSTRUCTION]
@@ -206,10 +214,13 @@ REDRAWN_QTYPES = tuple(_DRAWN)
 """Question types :func:`another_question` can draw again for a scene (the others have one answer per scene)."""
 
 
-def another_question(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
-    """A fresh question of ``qtype`` (one of :data:`REDRAWN_QTYPES`) about ``scene``, drawn from ``rng``."""
+def another_question(scene: Scene, qtype: str, rng: np.random.Generator, mc_from_scene: bool = False) -> Question:
+    """A fresh question of ``qtype`` (one of :data:`REDRAWN_QTYPES`) about ``scene``, drawn from ``rng``;
+    ``mc_from_scene``: an ``mc`` question's wrong options come from the scene's other shapes first."""
     if qtype not in _DRAWN:
         raise ValueError(f"cannot draw another {qtype!r} question; choose one of {REDRAWN_QTYPES}")
+    if qtype == "mc":
+        return _mc_question(scene.shapes, rng, from_scene=mc_from_scene)
     return _DRAWN[qtype](scene.shapes, rng)
 
 
@@ -222,24 +233,28 @@ def asks(question: Question) -> tuple[int, str] | None:
     return None
 
 
-def conversation(scene: Scene, extra: dict[str, int], rng: np.random.Generator, tries: int = 20) -> list[Question]:
+def conversation(scene: Scene, extra: dict[str, int], rng: np.random.Generator, tries: int = 20,
+                 mc_from_scene: bool = False) -> list[Question]:
     """The scene's questions plus ``extra[qtype]`` more of each redrawn type, in an order drawn from ``rng``
     in which no multiple-choice turn can be answered by copying an earlier turn.
 
     A further ``mc`` question is drawn again (up to ``tries`` times) while it asks what another ``mc``
     turn asks, and each ``mc`` turn goes before the ``color_at``/``shape_at`` turn that asks the same
     cell's same attribute (they swap places), so the letter has to come from the image: the benchmark
-    asks ``mc`` on its own.
+    asks ``mc`` on its own. ``mc_from_scene``: every ``mc`` turn (the scene's own drawn again) takes its
+    wrong options from the scene's other shapes first, so that picking any option the image shows
+    scores no better than chance: the cell named in the question has to be read.
     """
-    questions = list(scene.questions)
+    questions = [another_question(scene, "mc", rng, mc_from_scene=True) if mc_from_scene and q.qtype == "mc" else q
+                 for q in scene.questions]
     mc_asked = {asks(q) for q in questions if q.qtype == "mc"}
     for qtype, n in extra.items():
         for _ in range(n):
-            question = another_question(scene, qtype, rng)
+            question = another_question(scene, qtype, rng, mc_from_scene)
             for _ in range(tries if qtype == "mc" else 0):
                 if asks(question) not in mc_asked:
                     break
-                question = another_question(scene, qtype, rng)
+                question = another_question(scene, qtype, rng, mc_from_scene)
             if qtype == "mc":
                 mc_asked.add(asks(question))
             questions.append(question)

@@ -66,12 +66,15 @@ from .train import AuxHeads, _code_version, _patch_cells, earlier_stages, _pixel
 class ChatEncoder:
     """Scenes -> padded ChatML conversations (one per scene: its seven questions, plus ``extra[qtype]`` more
     questions of each type in :data:`~eemllm_models.zoo.shapes_vqa.REDRAWN_QTYPES`, in the random order of
-    :func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
+    :func:`~eemllm_models.zoo.shapes_vqa.conversation`; ``mc_from_scene``: its multiple-choice turns take their
+    wrong options from the scene's other shapes first)."""
 
-    def __init__(self, processor: LlavaProcessor, n_image_tokens: int, extra: dict[str, int] | None = None):
+    def __init__(self, processor: LlavaProcessor, n_image_tokens: int, extra: dict[str, int] | None = None,
+                 mc_from_scene: bool = False):
         self.tok = processor.tokenizer
         self.n_image_tokens = n_image_tokens
         self.extra = dict(extra or {})
+        self.mc_from_scene = mc_from_scene
         self.header = self.tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.end = self.tok.convert_tokens_to_ids("<|im_end|>")
 
@@ -85,7 +88,7 @@ class ChatEncoder:
 
     def sequence(self, scene: shapes_vqa.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """Token ids and labels (``-100`` except on each answer and the ``<|im_end|>`` after it)."""
-        text = self.text(shapes_vqa.conversation(scene, self.extra, rng))
+        text = self.text(shapes_vqa.conversation(scene, self.extra, rng, mc_from_scene=self.mc_from_scene))
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         labels = [-100] * len(ids)
         h = len(self.header)
@@ -208,21 +211,23 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
           bf16: bool = True, init_from: Path | None = None, first_scene: int = 0,
-          extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0) -> dict:
+          extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0, mc_from_scene: bool = False) -> dict:
     """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
 
     From the assembled model, or continuing from the weights a previous stage wrote into ``init_from``;
     step ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a later stage that starts
     where an earlier one stopped sees only new scenes. ``extra_turns`` (e.g. ``{"mc": 3}``) asks each scene
     that many more questions of those types (:class:`ChatEncoder`) from step ``extra_turns_from`` on (the
-    steps before it ask each scene's seven questions only: cheaper, while the visual tokens become legible)."""
+    steps before it ask each scene's seven questions only: cheaper, while the visual tokens become legible).
+    ``mc_from_scene``: every multiple-choice turn's wrong options are the colours (shapes) of the scene's other
+    shapes first, so choosing any option the image shows scores chance (:func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
     code = _code_version()
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
     if init_from is not None:
         continue_from(model, load_file(Path(init_from) / smollm2_shapes.TRAINED_FILE))
-    encoder = ChatEncoder(processor, model.config.image_seq_length, extra_turns)
-    plain = ChatEncoder(processor, model.config.image_seq_length)
+    encoder = ChatEncoder(processor, model.config.image_seq_length, extra_turns, mc_from_scene)
+    plain = ChatEncoder(processor, model.config.image_seq_length, mc_from_scene=mc_from_scene)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     patch_cells = _patch_cells()
     tower = [*model.model.vision_tower.parameters()]
@@ -280,7 +285,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
             "first_scene": first_scene, "extra_turns": encoder.extra,
-            "extra_turns_from": extra_turns_from, "log": log}
+            "extra_turns_from": extra_turns_from, "mc_from_scene": mc_from_scene, "log": log}
     if init_from is not None:
         info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
@@ -317,11 +322,14 @@ def main() -> None:
                              "e.g. mc=3,relation=2")
     parser.add_argument("--extra-turns-from", type=int, default=0, metavar="STEP",
                         help="the step from which --extra-turns are asked (default 0: from the first)")
+    parser.add_argument("--mc-from-scene", action="store_true",
+                        help="multiple-choice turns take their wrong options from the scene's other shapes first, "
+                             "so that picking any option the image shows scores chance (the benchmark is unchanged)")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
           eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
           first_scene=args.first_scene, extra_turns=args.extra_turns,
-          extra_turns_from=args.extra_turns_from)
+          extra_turns_from=args.extra_turns_from, mc_from_scene=args.mc_from_scene)
 
 
 if __name__ == "__main__":
