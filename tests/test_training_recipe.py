@@ -128,12 +128,14 @@ def test_step_losses_are_finite_cross_entropies_with_gradients(processor):
 
 def test_two_stage_run_saves_a_loadable_model_with_its_stages_in_the_card(tmp_path):
     from eemllm_models import load_model
+    from eemllm_models.machine import cpu_runs_bf16
     from eemllm_models.zoo.train import finish, train
 
     first = train(tmp_path / "stage1", steps=2, batch_size=2, eval_every=2, val_rows=7)
     info = train(tmp_path / "stage2", steps=1, batch_size=2, eval_every=1, val_rows=7, lr=5e-4,
                  init_from=tmp_path / "stage1", first_scene=4)
     assert [s["steps"] for s in info["previous_stages"]] == [first["steps"]] and info["first_scene"] == 4
+    assert info["bf16_autocast"] is cpu_runs_bf16()  # the default: bf16 only where the CPU has it
     finish(tmp_path / "stage2", info, test_rows=7)
     card = (tmp_path / "stage2" / "README.md").read_text()
     assert "| 2 | `--steps 1 --lr 0.0005 --init-from STAGE1 --first-scene 4` |" in card
@@ -141,3 +143,18 @@ def test_two_stage_run_saves_a_loadable_model_with_its_stages_in_the_card(tmp_pa
     model, processor = load_model(tmp_path / "stage2")  # checksums written with the weights
     assert model.config.text_config.num_hidden_layers == 12
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_bf16_is_chosen_by_the_cpu_unless_a_flag_says_otherwise(capsys):
+    import argparse
+
+    from eemllm_models.machine import cpu_runs_bf16
+    from eemllm_models.zoo.train import add_bf16_flags, autocast_bf16
+
+    parser = argparse.ArgumentParser(prog="train")
+    add_bf16_flags(parser)
+    assert [parser.parse_args(a).bf16 for a in ([], ["--bf16"], ["--no-bf16"])] == [None, True, False]
+    assert [autocast_bf16(v) for v in (None, True, False)] == [cpu_runs_bf16(), True, False]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bf16", "--no-bf16"])
+    assert "not allowed with argument" in capsys.readouterr().err

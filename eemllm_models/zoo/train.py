@@ -36,7 +36,7 @@ second continues from the first's folder with ``--init-from`` on new scenes, see
   Relations (compare two looked-up cells) and counting are left to the remaining layers.
 * **Fresh scenes every step** from the train split's seed stream (rendering costs ~2% of a
   step), AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on CPUs that
-  have bf16 instructions.
+  have bf16 instructions (:func:`~eemllm_models.machine.cpu_runs_bf16`), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from ..generation import generate_answers
 from ..files import atomic_write_dir, atomic_write_text
 from ..loading import save_model_dir
-from ..machine import cpu_name
+from ..machine import cpu_name, cpu_runs_bf16
 from . import build, shapes_vqa
 
 
@@ -307,17 +307,33 @@ def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, sp
     return shapes_vqa.accuracy(data["qtype"], answers, data["answer"])
 
 
+def autocast_bf16(asked: bool | None) -> bool:
+    """Whether to train under bf16 autocast: as ``asked``, or (None) where the CPU multiplies bf16 in hardware."""
+    return cpu_runs_bf16() if asked is None else asked
+
+
+def add_bf16_flags(parser: argparse.ArgumentParser) -> None:
+    """``--bf16`` / ``--no-bf16`` (default: bf16 autocast where the CPU multiplies bf16 in hardware)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                       help="bf16 autocast even where the CPU emulates bf16 (default: only where it has it)")
+    group.add_argument("--no-bf16", dest="bf16", action="store_false",
+                       help="train in fp32 (slower where the CPU has bf16 instructions)")
+
+
 def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, aux_weight: float = 1.0,
           guide_weight: float = 1.0, seed: int = 0, eval_every: int = 200, val_rows: int = 350,
-          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0) -> dict:
+          bf16: bool | None = None, init_from: Path | None = None, first_scene: int = 0) -> dict:
     """Train the default model and save it (safetensors + processor) to ``out``.
 
     From scratch, or continuing from the model saved in ``init_from`` (a second stage); step
     ``s`` uses train-split scenes ``first_scene + s * batch_size ...``, so a second stage that
     starts where the first stopped sees only new scenes. Every ``eval_every`` steps it measures
-    ``val_rows`` rows of the train split's seed 1 (scenes training never sees) and saves.
+    ``val_rows`` rows of the train split's seed 1 (scenes training never sees) and saves. ``bf16``:
+    autocast to bf16 (None: where :func:`~eemllm_models.machine.cpu_runs_bf16`).
     """
     code = _code_version()  # the code that runs, read before a long run during which the checkout may change
+    bf16 = autocast_bf16(bf16)
     torch.manual_seed(seed)
     if init_from is None:
         model, processor = build.build_untrained(seed)
@@ -496,8 +512,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="train in fp32 (slower where the CPU has bf16 instructions)")
+    add_bf16_flags(parser)
     parser.add_argument("--test-rows", type=int, default=1400, help="test-split rows for the model card")
     parser.add_argument("--init-from", type=Path, default=None, help="continue from the model saved here")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first train-split scene")

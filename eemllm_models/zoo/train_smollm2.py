@@ -32,8 +32,9 @@ What it trains, and what it leaves alone:
   28.8% of them could copy the answer from the conversation instead of reading the image, which the
   benchmark's single-turn ``mc`` cannot.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
-  autocast on CPUs with bf16 instructions. Every ``--eval-every`` steps it measures greedy accuracy on
-  train-split seed 1 (scenes training never sees) and writes what ships, atomically.
+  autocast on CPUs with bf16 instructions (fp32 on others, where emulated bf16 is many times slower).
+  Every ``--eval-every`` steps it measures greedy accuracy on train-split seed 1 (scenes training never
+  sees) and writes what ships, atomically.
 
 The adapters ship separately (``trained.safetensors`` holds ``lora_A``/``lora_B`` per layer, with the
 tower and projector) and are merged into SmolLM2's weights when the model is assembled
@@ -60,7 +61,16 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from ..files import atomic_write_text
 from ..machine import cpu_name
 from . import shapes_vqa, smollm2_shapes
-from .train import AuxHeads, _code_version, _patch_cells, earlier_stages, _pixel_values, evaluate
+from .train import (
+    AuxHeads,
+    _code_version,
+    _patch_cells,
+    _pixel_values,
+    add_bf16_flags,
+    autocast_bf16,
+    earlier_stages,
+    evaluate,
+)
 
 
 class ChatEncoder:
@@ -210,7 +220,7 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
 
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
-          bf16: bool = True, init_from: Path | None = None, first_scene: int = 0,
+          bf16: bool | None = None, init_from: Path | None = None, first_scene: int = 0,
           extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0, mc_from_scene: bool = False) -> dict:
     """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
 
@@ -222,6 +232,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     ``mc_from_scene``: every multiple-choice turn's wrong options are the colours (shapes) of the scene's other
     shapes first, so choosing any option the image shows scores chance (:func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
     code = _code_version()
+    bf16 = autocast_bf16(bf16)
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
     if init_from is not None:
@@ -314,7 +325,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=65)
     parser.add_argument("--val-rows", type=int, default=70)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    add_bf16_flags(parser)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from the weights a stage wrote here")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first train-split scene")
     parser.add_argument("--extra-turns", type=_extra_turns, default={}, metavar="QTYPE=N,...",
