@@ -31,6 +31,11 @@ What it trains, and what it leaves alone:
   ``color_at``/``shape_at`` turn about the same cell, or another ``mc`` turn): in a plain random order
   28.8% of them could copy the answer from the conversation instead of reading the image, which the
   benchmark's single-turn ``mc`` cannot.
+* ``--mc-from-scene`` (training data only; the benchmark is unchanged): every multiple-choice turn
+  takes its wrong options from the colours (or shapes) of the scene's other shapes first. Trained
+  without it, the model answers multiple choice by picking any option the image shows, whichever
+  cell holds it (accuracy ``1 / shown``; ``python -m analyses.evaluating.mc_diagnosis`` measures it):
+  the benchmark's random options reward that shortcut with 45%, these with about 38%.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions (fp32 on others, where emulated bf16 is many times slower).
   Every ``--eval-every`` steps it measures greedy accuracy on train-split seed 1 (scenes training never
