@@ -242,8 +242,9 @@ def conversation(scene: Scene, extra: dict[str, int], rng: np.random.Generator, 
     turn asks, and each ``mc`` turn goes before the ``color_at``/``shape_at`` turn that asks the same
     cell's same attribute (they swap places), so the letter has to come from the image: the benchmark
     asks ``mc`` on its own. ``mc_from_scene``: every ``mc`` turn (the scene's own drawn again) takes its
-    wrong options from the scene's other shapes first, so that picking any option the image shows
-    scores no better than chance: the cell named in the question has to be read.
+    wrong options from the scene's other shapes first, so that picking any option the image shows pays
+    less (about 38% of the turns instead of the benchmark's 45%; a scene with few shapes cannot supply
+    more): the cell the question names has to be read.
     """
     questions = [another_question(scene, "mc", rng, mc_from_scene=True) if mc_from_scene and q.qtype == "mc" else q
                  for q in scene.questions]
