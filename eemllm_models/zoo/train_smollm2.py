@@ -235,7 +235,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     that many more questions of those types (:class:`ChatEncoder`) from step ``extra_turns_from`` on (the
     steps before it ask each scene's seven questions only: cheaper, while the visual tokens become legible).
     ``mc_from_scene``: every multiple-choice turn's wrong options are the colours (shapes) of the scene's other
-    shapes first, so choosing any option the image shows scores chance (:func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
+    shapes first, so choosing any option the image shows pays less (:func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
     code = _code_version()
     bf16 = autocast_bf16(bf16)
     model, processor = smollm2_shapes.assemble(seed)
