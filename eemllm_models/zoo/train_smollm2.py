@@ -35,7 +35,9 @@ What it trains, and what it leaves alone:
   takes its wrong options from the colours (or shapes) of the scene's other shapes first. Trained
   without it, the model answers multiple choice by picking any option the image shows, whichever
   cell holds it (accuracy ``1 / shown``; ``python -m analyses.evaluating.mc_diagnosis`` measures it):
-  the benchmark's random options reward that shortcut with 45%, these with about 38%.
+  the benchmark's random options reward that shortcut with 45%, these with about 38%. Use it in the
+  stages after one on random options (``--extra-turns mc=3`` without it): that stage teaches which letter
+  names the answer, these which cell to read; from stage 2 on its own it left the shortcut in place.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions (fp32 on others, where emulated bf16 is many times slower).
   Every ``--eval-every`` steps it measures greedy accuracy on train-split seed 1 (scenes training never
@@ -340,7 +342,8 @@ def main() -> None:
                         help="the step from which --extra-turns are asked (default 0: from the first)")
     parser.add_argument("--mc-from-scene", action="store_true",
                         help="multiple-choice turns take their wrong options from the scene's other shapes first, "
-                             "so that picking any option the image shows scores chance (the benchmark is unchanged)")
+                             "so that picking any option the image shows pays less (about 38%%, not 45%%); use it after a "
+                             "stage on random options (the benchmark is unchanged)")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
           eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
