@@ -37,7 +37,7 @@ What it trains, and what it leaves alone:
   cell holds it (accuracy ``1 / shown``; ``python -m analyses.evaluating.mc_diagnosis`` measures it):
   the benchmark's random options reward that shortcut with 45%, these with about 38%. Use it in the
   stages after one on random options (``--extra-turns mc=3`` without it): that stage teaches which letter
-  names the answer, these which cell to read; from stage 2 on its own it left the shortcut in place.
+  names the answer, these which cell to read; straight after stage 2 it left the shortcut in place.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions (fp32 on others, where emulated bf16 is many times slower).
   Every ``--eval-every`` steps it measures greedy accuracy on train-split seed 1 (scenes training never
