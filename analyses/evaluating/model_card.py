@@ -59,6 +59,7 @@ def write_card(table: pd.DataFrame, model: PreTrainedModel) -> str:
         + (f" --extra-turns-from {st['extra_turns_from']}" if st.get("extra_turns") and st.get("extra_turns_from")
            else "")
         + (" --mc-from-scene" if st.get("mc_from_scene") else "")
+        + (" --compile" if st.get("compiled") else "")
         + f"` | {st.get('code') or 'unrecorded'} | {st['minutes']:.0f} | {st['machine']}, torch {st['torch']} |"
         for k, st in enumerate(stages, start=1))
     minutes = sum(st["minutes"] for st in stages)

@@ -40,6 +40,9 @@ What it trains, and what it leaves alone:
   names the answer, these which cell to read; straight after stage 2 it left the shortcut in place.
 * Fresh train-split scenes every step, AdamW with warm-up and cosine decay, gradient clipping, bf16
   autocast on CPUs with bf16 instructions (fp32 on others, where emulated bf16 is many times slower).
+  ``--compile`` runs the 30 decoder layers through ``torch.compile`` (inductor, one compiled layer for all
+  30, any sequence length) while training, which fuses the elementwise work around the matrix products;
+  the evaluations in between run eagerly.
   Every ``--eval-every`` steps it measures greedy accuracy on train-split seed 1 (scenes training never
   sees) and writes what ships, atomically.
 
@@ -55,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -216,6 +220,21 @@ def adapters_of(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]
     return found
 
 
+class CompilerMissing(RuntimeError):
+    """``--compile`` on a machine without the C++ compiler inductor builds its CPU kernels with."""
+
+
+def compile_decoder_layers(model: LlavaForConditionalGeneration) -> None:
+    """Compile each decoder layer of ``model``'s language model in place (``nn.Module.compile``, dynamic sequence
+    length; identical layers share one compiled graph). Same parameters and state dict; calls made under
+    ``torch.compiler.set_stance("force_eager")`` run the eager layers."""
+    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise CompilerMissing("--compile needs a C++ compiler for torch.compile's CPU kernels and none was found "
+                              "(g++, c++ or clang++): install one (e.g. `apt install g++`) or train without --compile")
+    for layer in model.model.language_model.layers:
+        layer.compile(dynamic=True)
+
+
 @torch.no_grad()
 def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.Tensor]) -> None:
     """Put a shipped ``trained.safetensors`` ``state`` (tower, projector, adapters) into ``model`` with its
@@ -228,7 +247,8 @@ def continue_from(model: LlavaForConditionalGeneration, state: dict[str, torch.T
 def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr: float = 2e-4,
           aux_weight: float = 0.5, seed: int = 0, eval_every: int = 65, val_rows: int = 70,
           bf16: bool | None = None, init_from: Path | None = None, first_scene: int = 0,
-          extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0, mc_from_scene: bool = False) -> dict:
+          extra_turns: dict[str, int] | None = None, extra_turns_from: int = 0, mc_from_scene: bool = False,
+          compile_layers: bool = False) -> dict:
     """Train ``smollm2-shapes`` and write what ships into ``out`` (see the module docstring).
 
     From the assembled model, or continuing from the weights a previous stage wrote into ``init_from``;
@@ -237,13 +257,16 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
     that many more questions of those types (:class:`ChatEncoder`) from step ``extra_turns_from`` on (the
     steps before it ask each scene's seven questions only: cheaper, while the visual tokens become legible).
     ``mc_from_scene``: every multiple-choice turn's wrong options are the colours (shapes) of the scene's other
-    shapes first, so choosing any option the image shows pays less (:func:`~eemllm_models.zoo.shapes_vqa.conversation`)."""
+    shapes first, so choosing any option the image shows pays less (:func:`~eemllm_models.zoo.shapes_vqa.conversation`).
+    ``compile_layers``: train through :func:`compile_decoder_layers` (evaluations stay eager)."""
     code = _code_version()
     bf16 = autocast_bf16(bf16)
     model, processor = smollm2_shapes.assemble(seed)
     wrapped = with_adapters(model, seed)
     if init_from is not None:
         continue_from(model, load_file(Path(init_from) / smollm2_shapes.TRAINED_FILE))
+    if compile_layers:
+        compile_decoder_layers(model)
     encoder = ChatEncoder(processor, model.config.image_seq_length, extra_turns, mc_from_scene)
     plain = ChatEncoder(processor, model.config.image_seq_length, mc_from_scene=mc_from_scene)
     aux = AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
@@ -276,7 +299,7 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
         batch = (encoder if step >= extra_turns_from else plain).batch(scenes, data_rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                                 attention_mask=batch["attention_mask"]).last_hidden_state
+                                 attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
             losses = {"lm": answer_loss(model, hidden, batch["labels"]),
                       "patch": aux.patch_loss(features["x"], batch["cells"], patch_cells),
                       "words": words.loss(features["tokens"], scenes)}
@@ -289,7 +312,8 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
         bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
-            acc = evaluate(model, processor, "train", n=val_rows, seed=1)
+            with torch.compiler.set_stance("force_eager"):
+                acc = evaluate(model, processor, "train", n=val_rows, seed=1)
             model.train()
             entry = {"step": step + 1, "minutes": (time.time() - start) / 60,
                      **{name: value.item() for name, value in losses.items()}, "val": acc}
@@ -303,7 +327,8 @@ def train(out: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, tower_lr
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
             "code": code, "trained_parameters": n_trained, "init_from": None if init_from is None else str(init_from),
             "first_scene": first_scene, "extra_turns": encoder.extra,
-            "extra_turns_from": extra_turns_from, "mc_from_scene": mc_from_scene, "log": log}
+            "extra_turns_from": extra_turns_from, "mc_from_scene": mc_from_scene,
+            "compiled": compile_layers, "log": log}
     if init_from is not None:
         info["previous_stages"] = earlier_stages(Path(init_from))
     atomic_write_text(out / "training_log.json", json.dumps(info, indent=1) + "\n")
@@ -344,11 +369,15 @@ def main() -> None:
                         help="multiple-choice turns take their wrong options from the scene's other shapes first, "
                              "so that picking any option the image shows pays less (about 38%%, not 45%%); use it after a "
                              "stage on random options (the benchmark is unchanged)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train through torch.compile'd decoder layers (needs a C++ compiler; about 1.4x faster steps "
+                             "on a 2-core Xeon)")
     args = parser.parse_args()
     train(args.out, args.steps, args.batch_size, args.lr, args.tower_lr, seed=args.seed,
           eval_every=args.eval_every, val_rows=args.val_rows, bf16=args.bf16, init_from=args.init_from,
           first_scene=args.first_scene, extra_turns=args.extra_turns,
-          extra_turns_from=args.extra_turns_from, mc_from_scene=args.mc_from_scene)
+          extra_turns_from=args.extra_turns_from, mc_from_scene=args.mc_from_scene,
+          compile_layers=args.compile)
 
 
 if __name__ == "__main__":
